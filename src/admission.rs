@@ -1,0 +1,173 @@
+//! Admission: the front door of the engine. Gives each new request its ID and recognises
+//! repeats by `message_id` before anything else.
+//!
+//! Ingest owns one `Admission` (it is `&mut self`: a single caller, so IDs reach the engine in
+//! the order they were handed out). It keeps a window of the same size as the engine's, keyed
+//! by `message_id`, holding every request it sent on — drawn or still in flight. A message
+//! meets the same ID every time it comes: a repeat is sent to the engine as a `Repeat` behind
+//! its first, so it completes with the first's outcome, in order, after the first is durable.
+//!
+//! Two steps, so a caller can reply "accepted" between them and the reply always precedes the
+//! result: `assign` (ID, window) then `submit` (to the engine).
+
+use crate::dedupe::{MessageKey, Window, message_key};
+use crate::engine::{Command, DrawRequest, RepeatRequest};
+use crate::ids::IdAllocator;
+use crate::state::State;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// An ID handed out, not yet submitted. Must be passed to `submit`.
+#[must_use = "an assigned request must be submitted"]
+#[derive(Debug)]
+pub struct Assigned {
+    pub request_id: u64,
+    pub repeat: bool,
+    key: Option<MessageKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the engine has stopped")]
+pub struct EngineGone;
+
+pub struct Admission<T> {
+    ids: Arc<IdAllocator>,
+    window: Window<u64>,
+    engine: mpsc::Sender<Command<T>>,
+}
+
+impl<T> Admission<T> {
+    /// The admission window for a recovered state: the same entries in the same order.
+    pub fn window_of(state: &State) -> Window<u64> {
+        let mut window = Window::new(state.window.capacity());
+        for (key, outcome) in state.window.iter() {
+            window.insert(key, outcome.request_id);
+        }
+        window
+    }
+
+    pub fn new(
+        window: Window<u64>,
+        ids: Arc<IdAllocator>,
+        engine: mpsc::Sender<Command<T>>,
+    ) -> Self {
+        Admission {
+            ids,
+            window,
+            engine,
+        }
+    }
+
+    /// Whether a request with this `message_id` was drawn recently or is in flight.
+    pub fn is_known(&self, message_id: Option<&str>) -> bool {
+        message_id.is_some_and(|m| self.window.contains(&message_key(m)))
+    }
+
+    /// Hands out the request ID (or finds the first request's). Async: waits only if ingest
+    /// outran the ID reservation.
+    pub async fn assign(&mut self, message_id: Option<&str>) -> Assigned {
+        let key = message_id.map(message_key);
+        if let Some(first) = key.and_then(|k| self.window.get(&k)) {
+            return Assigned {
+                request_id: *first,
+                repeat: true,
+                key,
+            };
+        }
+        let engine = self.engine.clone();
+        let request_id = self
+            .ids
+            .next(move || {
+                let _ = engine.try_send(Command::Wake);
+            })
+            .await;
+        self.remember(key, request_id);
+        Assigned {
+            request_id,
+            repeat: false,
+            key,
+        }
+    }
+
+    /// Blocking `assign`, for threads outside the runtime (drills, benchmarks).
+    pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Assigned {
+        let key = message_id.map(message_key);
+        if let Some(first) = key.and_then(|k| self.window.get(&k)) {
+            return Assigned {
+                request_id: *first,
+                repeat: true,
+                key,
+            };
+        }
+        let engine = self.engine.clone();
+        let request_id = self.ids.next_blocking(move || {
+            let _ = engine.try_send(Command::Wake);
+        });
+        self.remember(key, request_id);
+        Assigned {
+            request_id,
+            repeat: false,
+            key,
+        }
+    }
+
+    fn remember(&mut self, key: Option<MessageKey>, request_id: u64) {
+        if let Some(key) = key {
+            self.window.insert(key, request_id);
+        }
+    }
+
+    fn command(
+        assigned: Assigned,
+        message_id: Option<String>,
+        pool_index: u32,
+        user: String,
+        count: u32,
+        ticket: T,
+    ) -> Command<T> {
+        if assigned.repeat {
+            Command::Repeat(RepeatRequest {
+                request_id: assigned.request_id,
+                key: assigned.key.expect("a repeat has a key"),
+                ticket,
+            })
+        } else {
+            Command::Draw(DrawRequest {
+                request_id: assigned.request_id,
+                message_id,
+                pool_index,
+                user,
+                count,
+                ticket,
+            })
+        }
+    }
+
+    /// Sends the assigned request to the engine (waits while the engine's channel is full).
+    /// For a repeat, pool, user and count are ignored: the first request's are used.
+    pub async fn submit(
+        &mut self,
+        assigned: Assigned,
+        message_id: Option<String>,
+        pool_index: u32,
+        user: String,
+        count: u32,
+        ticket: T,
+    ) -> Result<(), EngineGone> {
+        let cmd = Self::command(assigned, message_id, pool_index, user, count, ticket);
+        self.engine.send(cmd).await.map_err(|_| EngineGone)
+    }
+
+    pub fn submit_blocking(
+        &mut self,
+        assigned: Assigned,
+        message_id: Option<String>,
+        pool_index: u32,
+        user: String,
+        count: u32,
+        ticket: T,
+    ) -> Result<(), EngineGone> {
+        let cmd = Self::command(assigned, message_id, pool_index, user, count, ticket);
+        self.engine.blocking_send(cmd).map_err(|_| EngineGone)
+    }
+}

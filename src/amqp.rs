@@ -1,0 +1,188 @@
+//! The broker edge: connecting, declaring the contract's topology, timeouts on every call.
+//!
+//! One connection per session with two channels: `consume` (qos, consume, ack/nack/reject —
+//! delivery tags belong to it) and `publish` (publisher confirms; accepted replies, rejected
+//! replies and results all go here, so on `reply_to` a request's accepted reply always precedes
+//! its result). A session is thrown away whole on any error; the supervisor builds a new one.
+//!
+//! lapin's automatic recovery is not used: an explicit reconnect loop is easier to reason about
+//! (old delivery tags are never acked on a new channel), see shared/NOTES.md.
+
+use crate::config::{AmqpConfig, QueueType};
+use lapin::options::{
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::future::Future;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("broker call {what} timed out after {ms} ms")]
+    Timeout { what: &'static str, ms: u64 },
+    #[error("broker call {what} failed: {source}")]
+    Broker {
+        what: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "queue {queue:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.queue_type, amqp.delivery_limit)"
+    )]
+    Inequivalent { queue: String, detail: String },
+    #[error("{0}")]
+    Session(String),
+}
+
+impl AmqpError {
+    /// Errors that no reconnect can fix.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, AmqpError::Inequivalent { .. })
+    }
+}
+
+/// Runs a broker call with the configured timeout.
+pub async fn timed<T>(
+    what: &'static str,
+    ms: u64,
+    fut: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, AmqpError> {
+    match tokio::time::timeout(Duration::from_millis(ms), fut).await {
+        Err(_) => Err(AmqpError::Timeout { what, ms }),
+        Ok(Err(source)) => Err(AmqpError::Broker { what, source }),
+        Ok(Ok(v)) => Ok(v),
+    }
+}
+
+pub struct Link {
+    pub connection: Connection,
+    pub consume: Channel,
+    pub publish: Channel,
+}
+
+/// Connects and opens the two channels (publish with confirms).
+pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Link, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = timed(
+        "connect",
+        cfg.connect_timeout_ms,
+        Connection::connect(&cfg.url, props),
+    )
+    .await?;
+    let op = cfg.operation_timeout_ms;
+    let consume = timed("channel.open", op, connection.create_channel()).await?;
+    let publish = timed("channel.open", op, connection.create_channel()).await?;
+    timed(
+        "confirm.select",
+        op,
+        publish.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(Link {
+        connection,
+        consume,
+        publish,
+    })
+}
+
+/// Declares the dead-letter exchange, the three queues and the binding, idempotently.
+pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+    let op = cfg.operation_timeout_ms;
+    let ch = &link.consume;
+    let dlx = cfg.dead_letter_exchange_name();
+    timed(
+        "exchange.declare",
+        op,
+        ch.exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let base = |extra: bool| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(cfg.queue_type.as_str().into()),
+        );
+        if extra {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.as_str().into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(cfg.dead_letter_queue.as_str().into()),
+            );
+            if cfg.queue_type == QueueType::Quorum {
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(cfg.delivery_limit as i64),
+                );
+            }
+        }
+        args
+    };
+    for (queue, args) in [
+        (&cfg.dead_letter_queue, base(false)),
+        (&cfg.result_queue, base(false)),
+        (&cfg.request_queue, base(true)),
+    ] {
+        declare_queue(ch, queue, args, op).await?;
+    }
+    timed(
+        "queue.bind",
+        op,
+        ch.queue_bind(
+            cfg.dead_letter_queue.as_str().into(),
+            dlx.as_str().into(),
+            cfg.dead_letter_queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    timed(
+        "basic.qos",
+        op,
+        link.consume
+            .basic_qos(cfg.prefetch, BasicQosOptions::default()),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn declare_queue(
+    ch: &Channel,
+    queue: &str,
+    args: FieldTable,
+    op: u64,
+) -> Result<(), AmqpError> {
+    let name: ShortString = queue.into();
+    match timed(
+        "queue.declare",
+        op,
+        ch.queue_declare(name, QueueDeclareOptions::durable(), args),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(AmqpError::Broker { source, .. })
+            if source.to_string().contains("PRECONDITION_FAILED")
+                || source.to_string().contains("inequivalent") =>
+        {
+            Err(AmqpError::Inequivalent {
+                queue: queue.to_string(),
+                detail: source.to_string(),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,45 @@
+//! rewardpool: a durable reward-pool draw worker.
+//!
+//! Data flows one way: broker → ingest → engine → results/acks → broker.
+//!
+//! Storage core (no broker in it):
+//! - [`config`]: the configuration file, environment overrides, validation.
+//! - [`pool`] and [`fenwick`]: one prize pool and its O(log n) draw.
+//! - [`record`]: WAL records and their checksummed encoding.
+//! - [`wal`]: segment files, batches (one per group commit), scanning.
+//! - [`dedupe`]: the bounded idempotency window keyed by `message_id`.
+//! - [`state`]: pools + window + request-ID marks; draw (live) and apply (replay).
+//! - [`snapshot`]: atomic JSON snapshots, newest two kept, pruning of the WAL.
+//! - [`recovery`]: snapshot + WAL → state; torn tails, corruption, seeding, rotation.
+//! - [`ids`]: request IDs from an atomic counter backed by WAL reservations.
+//! - [`engine`]: the single-writer engine thread, the WAL writer (group commit) and the
+//!   snapshot thread.
+//! - [`admission`]: IDs and repeat detection in front of the engine.
+//! - [`lock`]: one process per data directory.
+//! - [`inspect`]: `inspect` and `wal dump`.
+//! - [`failpoint`]: SIGKILL at named points, for crash tests.
+
+pub mod acks;
+pub mod admission;
+pub mod amqp;
+pub mod config;
+pub mod dedupe;
+pub mod drill;
+pub mod engine;
+pub mod failpoint;
+pub mod fenwick;
+pub mod ids;
+pub mod ingest;
+pub mod inspect;
+pub mod lock;
+pub mod message;
+pub mod pool;
+pub mod record;
+pub mod recovery;
+pub mod session;
+pub mod settle;
+pub mod shutdown;
+pub mod snapshot;
+pub mod state;
+pub mod wal;
+pub mod worker;

@@ -1,0 +1,355 @@
+//! Recovery: from the files in the data directory to a state the engine can own.
+//!
+//! `load` is read-only (used by `inspect` and before every start): the newest snapshot that
+//! parses and checks out, else the older one, else an empty state; then every WAL batch after
+//! it, in sequence order. Damage in the WAL is classified:
+//!
+//! * nothing valid follows it → a torn tail (the last group commit was cut short): dropped;
+//! * a valid batch follows it → corruption in the middle: refuse, naming file and offset;
+//! * a batch missing between the snapshot and the WAL → refuse: data would be lost.
+//!
+//! `recover` (for `run`) then makes it durable, each step safe to crash in: truncate the torn
+//! tail, seed pools that are new in the config (as `Seed` records in a fresh segment), write a
+//! snapshot, start a fresh segment for the engine, prune old files.
+
+use crate::config::{Config, PoolConfig};
+use crate::failpoint::failpoint;
+use crate::lock::{DirLock, LockError};
+use crate::record::SeedItem;
+use crate::snapshot::{self, Image};
+use crate::state::State;
+use crate::wal::{self, BatchBuilder, ScanEnd, SegmentWriter, sync_dir};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoveryError {
+    #[error(
+        "disk full while writing {path}: free space on the disk of the data directory and start again (nothing was lost)"
+    )]
+    DiskFull { path: String },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: io::Error,
+    },
+    #[error(
+        "WAL corrupt in {file} at byte offset {offset}: {reason}; valid data follows, so this is not a torn write. Refusing to start: move the damaged file aside only if losing its records is acceptable"
+    )]
+    Corrupt {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("WAL record invalid in {file} at byte offset {offset}: {reason}")]
+    BadRecord {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "WAL gap: batch {expected} is missing ({detail}); refusing to start, data would be lost"
+    )]
+    Gap { expected: u64, detail: String },
+    #[error("{0}")]
+    Lock(#[from] LockError),
+}
+
+fn io_error(what: &'static str, path: &Path, source: io::Error) -> RecoveryError {
+    if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC) {
+        return RecoveryError::DiskFull {
+            path: path.display().to_string(),
+        };
+    }
+    RecoveryError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// What `load` found, for logs and for `recover`'s repairs.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub snapshot: Option<(u64, PathBuf)>,
+    /// Snapshots that failed their checks, with the reason.
+    pub bad_snapshots: Vec<(PathBuf, String)>,
+    pub batches_replayed: u64,
+    pub records_replayed: u64,
+    /// Torn tail: file, offset where it starts, bytes after it, reason.
+    pub torn_tail: Option<(PathBuf, u64, u64, String)>,
+    /// Segments after a torn tail that hold no valid batch.
+    pub empty_after_tail: Vec<PathBuf>,
+}
+
+/// Read-only recovery of the durable state. Changes no file.
+pub fn load(dir: &Path, dedupe_window: usize) -> Result<(State, LoadReport), RecoveryError> {
+    let mut report = LoadReport::default();
+    let mut state = None;
+    for (seq, path) in snapshot::list(dir).map_err(|e| io_error("list", dir, e))? {
+        match snapshot::load(&path, dedupe_window) {
+            Ok(s) => {
+                report.snapshot = Some((seq, path));
+                state = Some(s);
+                break;
+            }
+            Err(reason) => {
+                tracing::warn!(file = %path.display(), %reason, "snapshot invalid, trying an older one");
+                report.bad_snapshots.push((path, reason));
+            }
+        }
+    }
+    let mut state = state.unwrap_or_else(|| State::new(dedupe_window));
+    let base_seq = state.seq;
+    let segments = wal::list_segments(dir).map_err(|e| io_error("list", dir, e))?;
+    for (i, segment) in segments.iter().enumerate() {
+        let file = segment.path.display().to_string();
+        let bytes = fs::read(&segment.path).map_err(|e| io_error("read", &segment.path, e))?;
+        let end = wal::scan(&bytes, |batch| {
+            if batch.seq <= base_seq {
+                return Ok(());
+            }
+            if batch.seq != state.seq + 1 {
+                return Err(RecoveryError::Gap {
+                    expected: state.seq + 1,
+                    detail: format!(
+                        "{file} at byte offset {} holds batch {}{}",
+                        batch.offset,
+                        batch.seq,
+                        if report.snapshot.is_none() && state.seq == 0 {
+                            " and no valid snapshot covers the batches before it"
+                        } else {
+                            ""
+                        }
+                    ),
+                });
+            }
+            for record in &batch.records {
+                state.apply(record).map_err(|e| RecoveryError::BadRecord {
+                    file: file.clone(),
+                    offset: batch.offset,
+                    reason: e.to_string(),
+                })?;
+            }
+            state.seq = batch.seq;
+            report.batches_replayed += 1;
+            report.records_replayed += batch.records.len() as u64;
+            Ok(())
+        })?;
+        if let ScanEnd::Damaged { offset, reason } = end {
+            if let Some((at, seq)) = wal::find_valid_batch_after(&bytes, offset as usize) {
+                return Err(RecoveryError::Corrupt {
+                    file,
+                    offset,
+                    reason: format!("{reason} (valid batch {seq} follows at offset {at})"),
+                });
+            }
+            for later in &segments[i + 1..] {
+                let later_bytes =
+                    fs::read(&later.path).map_err(|e| io_error("read", &later.path, e))?;
+                let valid_at_start = wal::parse_batch(&later_bytes, 0).is_ok();
+                if valid_at_start || wal::find_valid_batch_after(&later_bytes, 0).is_some() {
+                    return Err(RecoveryError::Corrupt {
+                        file,
+                        offset,
+                        reason: format!(
+                            "{reason} (valid batches follow in {})",
+                            later.path.display()
+                        ),
+                    });
+                }
+                report.empty_after_tail.push(later.path.clone());
+            }
+            report.torn_tail = Some((
+                segment.path.clone(),
+                offset,
+                bytes.len() as u64 - offset,
+                reason,
+            ));
+            break;
+        }
+    }
+    Ok((state, report))
+}
+
+/// The config's pool as a seed.
+pub fn seed_items(pool: &PoolConfig) -> Vec<SeedItem> {
+    pool.items
+        .iter()
+        .map(|i| SeedItem {
+            id: i.id.clone(),
+            quantity: i.quantity_u64(),
+            weight: i.weight_u64(),
+        })
+        .collect()
+}
+
+/// Seeds, in memory only, the config's pools that the state does not have (for `inspect`).
+pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<(), String> {
+    for pool in &config.pools {
+        if state.pool_index(&pool.id).is_none() {
+            let record = state.seed_record(&pool.id, pool.mode, &seed_items(pool));
+            state.apply(&record).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
+/// Differences between the config and a pool that already has durable state.
+pub fn config_differences(state: &State, pool: &PoolConfig) -> Vec<String> {
+    let Some(index) = state.pool_index(&pool.id) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    if state.mode(index) != pool.mode {
+        out.push(format!(
+            "mode {:?} in config, {:?} in state",
+            pool.mode,
+            state.mode(index)
+        ));
+    }
+    let items = state.items(index);
+    for item in &pool.items {
+        match items.iter().find(|i| i.id == item.id) {
+            None => out.push(format!("item {:?} is not in the state", item.id)),
+            Some(have) => {
+                if have.initial != item.quantity_u64() {
+                    out.push(format!(
+                        "item {:?}: quantity {:?} in config, seeded with {:?}",
+                        item.id,
+                        item.quantity_u64(),
+                        have.initial
+                    ));
+                }
+                if have.weight != item.weight_u64() {
+                    out.push(format!(
+                        "item {:?}: weight {:?} in config, {:?} in state",
+                        item.id,
+                        item.weight_u64(),
+                        have.weight
+                    ));
+                }
+            }
+        }
+    }
+    for have in items {
+        if !pool.items.iter().any(|i| i.id == have.id) {
+            out.push(format!(
+                "item {:?} is in the state but not in the config",
+                have.id
+            ));
+        }
+    }
+    out
+}
+
+pub struct Recovered {
+    pub lock: DirLock,
+    pub state: State,
+    /// A fresh segment the engine appends to.
+    pub segment: SegmentWriter,
+    pub report: LoadReport,
+}
+
+/// Full recovery for `run`: lock, load, repair, seed, snapshot, rotate, prune.
+pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, RecoveryError> {
+    let dir = config.storage.data_dir.as_path();
+    fs::create_dir_all(dir).map_err(|e| io_error("create data directory", dir, e))?;
+    let lock = DirLock::acquire(dir)?;
+    remove_temp_files(dir)?;
+    let (mut state, report) = load(dir, config.storage.dedupe_window)?;
+    for (path, reason) in &report.bad_snapshots {
+        let aside = path.with_extension("json.corrupt");
+        tracing::warn!(file = %path.display(), %reason, moved_to = %aside.display(), "corrupt snapshot moved aside");
+        fs::rename(path, &aside).map_err(|e| io_error("move aside", path, e))?;
+    }
+    if let Some((path, offset, dropped, reason)) = &report.torn_tail {
+        tracing::warn!(
+            file = %path.display(), offset, dropped_bytes = dropped, %reason,
+            "torn WAL tail: truncating the last, incomplete group commit"
+        );
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(|e| io_error("open", path, e))?;
+        f.set_len(*offset)
+            .map_err(|e| io_error("truncate", path, e))?;
+        f.sync_all().map_err(|e| io_error("fsync", path, e))?;
+        for empty in &report.empty_after_tail {
+            tracing::warn!(file = %empty.display(), "removing WAL segment after the torn tail: it holds no valid batch");
+            fs::remove_file(empty).map_err(|e| io_error("remove", empty, e))?;
+        }
+        sync_dir(dir).map_err(|e| io_error("fsync", dir, e))?;
+        failpoint("recovery.after_truncate");
+    }
+    tracing::info!(
+        snapshot = ?report.snapshot.as_ref().map(|s| s.0),
+        batches = report.batches_replayed,
+        records = report.records_replayed,
+        "state recovered"
+    );
+
+    // Seed new pools durably before anything can draw from them.
+    let mut seeds = Vec::new();
+    for pool in &config.pools {
+        if state.pool_index(&pool.id).is_some() {
+            let diffs = config_differences(&state, pool);
+            if !diffs.is_empty() {
+                tracing::warn!(pool = %pool.id, differences = %diffs.join("; "),
+                    "config differs from the pool's durable state; the durable state is kept");
+            }
+            continue;
+        }
+        let record = state.seed_record(&pool.id, pool.mode, &seed_items(pool));
+        state.apply(&record).map_err(|e| RecoveryError::BadRecord {
+            file: "config".into(),
+            offset: 0,
+            reason: e.to_string(),
+        })?;
+        tracing::info!(pool = %pool.id, "pool seeded from the config");
+        seeds.push(record);
+    }
+    if !seeds.is_empty() {
+        let seq = state.seq + 1;
+        let mut segment =
+            SegmentWriter::create(dir, seq).map_err(|e| io_error("create", dir, e))?;
+        let mut batch = BatchBuilder::new();
+        for r in &seeds {
+            batch.push_record(r);
+        }
+        let bytes = batch.finish(seq);
+        segment
+            .append(&bytes)
+            .map_err(|e| io_error("write", segment.path(), e))?;
+        segment
+            .sync()
+            .map_err(|e| io_error("fsync", segment.path(), e))?;
+        state.seq = seq;
+        failpoint("recovery.after_seed");
+    }
+    snapshot::write(dir, &Image::capture(&state))
+        .map_err(|e| io_error("write snapshot in", dir, e))?;
+    failpoint("recovery.after_snapshot");
+    let segment =
+        SegmentWriter::create(dir, state.seq + 1).map_err(|e| io_error("create", dir, e))?;
+    failpoint("recovery.after_rotate");
+    snapshot::prune(dir, keep_all_wal).map_err(|e| io_error("prune", dir, e))?;
+    Ok(Recovered {
+        lock,
+        state,
+        segment,
+        report,
+    })
+}
+
+fn remove_temp_files(dir: &Path) -> Result<(), RecoveryError> {
+    for entry in fs::read_dir(dir).map_err(|e| io_error("list", dir, e))? {
+        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            fs::remove_file(entry.path()).map_err(|e| io_error("remove", &entry.path(), e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,201 @@
+//! One broker session: a connection, its two channels and the ack state of its deliveries.
+//!
+//! Everything tied to delivery tags lives here, so that a reconnect replaces it whole. The
+//! `Ticket` each request carries through the engine names its session (`epoch`); the settler
+//! acks a delivery only on the session that delivered it, and drops outcomes of dead sessions
+//! (their deliveries come back, and the Repeats rule republishes their results).
+
+use crate::acks::AckTracker;
+use crate::amqp::{AmqpError, timed};
+use crate::config::AmqpConfig;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// What travels with a request through the engine.
+#[derive(Debug, Clone)]
+pub struct Ticket {
+    pub epoch: u64,
+    pub delivery_tag: u64,
+    pub message_id: Option<ShortString>,
+    pub reply_to: Option<ShortString>,
+    pub correlation_id: Option<ShortString>,
+}
+
+pub struct Session {
+    pub epoch: u64,
+    pub consume: Channel,
+    pub publish: Channel,
+    pub cfg: Arc<AmqpConfig>,
+    acks: Mutex<AckTracker>,
+    broken: watch::Sender<Option<String>>,
+}
+
+impl Session {
+    pub fn new(epoch: u64, consume: Channel, publish: Channel, cfg: Arc<AmqpConfig>) -> Session {
+        Session {
+            epoch,
+            consume,
+            publish,
+            cfg,
+            acks: Mutex::new(AckTracker::new()),
+            broken: watch::channel(None).0,
+        }
+    }
+
+    /// Marks the session dead; the ingest loop sees it and the supervisor reconnects.
+    pub fn fail(&self, reason: String) {
+        self.broken.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Resolves with the reason once the session failed.
+    pub async fn broken(&self) -> String {
+        let mut rx = self.broken.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return "session dropped".into();
+            }
+        }
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.borrow().is_some()
+    }
+
+    fn op_ms(&self) -> u64 {
+        self.cfg.operation_timeout_ms
+    }
+
+    /// Publishes to the default exchange; resolves when the frame is queued, returning the
+    /// confirm to await.
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<PublisherConfirm, AmqpError> {
+        timed(
+            "basic.publish",
+            self.op_ms(),
+            self.publish.basic_publish(
+                "".into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            ),
+        )
+        .await
+    }
+
+    /// Rejects without requeue (dead-letters) and records the tag as settled.
+    pub async fn reject(&self, tag: u64) -> Result<(), AmqpError> {
+        timed(
+            "basic.reject",
+            self.op_ms(),
+            self.consume
+                .basic_reject(tag, lapin::options::BasicRejectOptions { requeue: false }),
+        )
+        .await?;
+        self.acks.lock().expect("acks lock").settled(tag);
+        Ok(())
+    }
+
+    /// Nacks with requeue (a result publish was refused) and records the tag as settled.
+    pub async fn requeue(&self, tag: u64) -> Result<(), AmqpError> {
+        timed(
+            "basic.nack",
+            self.op_ms(),
+            self.consume.basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                },
+            ),
+        )
+        .await?;
+        self.acks.lock().expect("acks lock").settled(tag);
+        Ok(())
+    }
+
+    /// Marks tags ready and sends the acks the tracker plans.
+    pub async fn ack(&self, tags: &[u64]) -> Result<(), AmqpError> {
+        let plan = {
+            let mut acks = self.acks.lock().expect("acks lock");
+            for tag in tags {
+                acks.ready(*tag);
+            }
+            acks.plan()
+        };
+        if let Some(tag) = plan.multiple_up_to {
+            timed(
+                "basic.ack",
+                self.op_ms(),
+                self.consume
+                    .basic_ack(tag, BasicAckOptions { multiple: true }),
+            )
+            .await?;
+        }
+        for tag in plan.single {
+            timed(
+                "basic.ack",
+                self.op_ms(),
+                self.consume.basic_ack(tag, BasicAckOptions::default()),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Returns every delivery not settled yet to the queue (shutdown).
+    pub async fn requeue_unsettled(&self) -> Result<(), AmqpError> {
+        timed(
+            "basic.nack",
+            self.op_ms(),
+            self.consume.basic_nack(
+                0,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            ),
+        )
+        .await
+    }
+}
+
+/// Properties of a reply (`accepted`, `rejected`) or result.
+pub fn reply_properties(kind: &str, correlation_id: &Option<ShortString>) -> BasicProperties {
+    let mut props = BasicProperties::default()
+        .with_type(kind.into())
+        .with_content_type("application/json".into());
+    if let Some(c) = correlation_id {
+        props = props.with_correlation_id(c.clone());
+    }
+    props
+}
+
+pub fn result_properties(request_id: u64, correlation_id: &Option<ShortString>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "request_id".into(),
+        AMQPValue::LongLongInt(request_id as i64),
+    );
+    reply_properties("result", correlation_id)
+        .with_delivery_mode(2)
+        .with_message_id(request_id.to_string().into())
+        .with_headers(headers)
+}

@@ -1,0 +1,158 @@
+//! Settling: results out, confirms in, then acks. The last stage of the pipeline.
+//!
+//! One task for the life of the worker, fed by the engine's `Committed` batches (their records
+//! are on disk). For each completion of the current session it publishes the result to the
+//! result queue (persistent) and a copy to `reply_to`, on the publish channel. The batch's
+//! confirms are awaited as one future, many batches in flight at once (bounded), and settled in
+//! order: every confirm an ack → the delivery is acked; a nack → the delivery is requeued, so
+//! the Repeats rule publishes its result again; an error → the session is failed.
+//!
+//! Completions of an older session are dropped: their deliveries were returned to the queue
+//! when that connection died, and come back as repeats. So the WAL is the outbox.
+
+use crate::engine::Committed;
+use crate::message::result_body;
+use crate::session::{Session, Ticket, result_properties};
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// Batches whose confirms may be outstanding at once.
+const BATCHES_IN_FLIGHT_MAX: usize = 256;
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SettleStats {
+    pub acked: u64,
+    pub requeued: u64,
+    pub dropped_stale: u64,
+}
+
+type Settled = (Arc<Session>, Vec<(u64, Result<bool, String>)>);
+
+pub async fn run(
+    mut committed: mpsc::Receiver<Committed<Ticket>>,
+    current: watch::Receiver<Option<Arc<Session>>>,
+) -> SettleStats {
+    let mut stats = SettleStats::default();
+    let mut in_flight = FuturesOrdered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            batch = committed.recv(), if open && in_flight.len() < BATCHES_IN_FLIGHT_MAX => {
+                match batch {
+                    None => open = false,
+                    Some(batch) => {
+                        let session = current.borrow().clone();
+                        match session {
+                            Some(session) if !session.is_broken() => {
+                                in_flight.push_back(publish_batch(session, batch, &mut stats).await);
+                            }
+                            _ => stats.dropped_stale += batch.completions.len() as u64,
+                        }
+                    }
+                }
+            }
+            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                let (session, tags): Settled = done;
+                settle(&session, tags, &mut stats).await;
+            }
+        }
+    }
+    stats
+}
+
+/// Publishes a batch's results; returns the future of their confirms.
+async fn publish_batch(
+    session: Arc<Session>,
+    batch: Committed<Ticket>,
+    stats: &mut SettleStats,
+) -> impl std::future::Future<Output = Settled> + use<> {
+    let mut pending = Vec::with_capacity(batch.completions.len());
+    for c in batch.completions {
+        if c.ticket.epoch != session.epoch {
+            stats.dropped_stale += 1;
+            continue;
+        }
+        let body = result_body(&c.outcome, c.ticket.message_id.as_ref().map(|m| m.as_str()));
+        let props = result_properties(c.outcome.request_id, &c.ticket.correlation_id);
+        let mut confirms = Vec::with_capacity(2);
+        match session
+            .publish(&session.cfg.result_queue, &body, props.clone())
+            .await
+        {
+            Ok(confirm) => confirms.push(confirm),
+            Err(e) => {
+                session.fail(format!("result publish: {e}"));
+                break;
+            }
+        }
+        if let Some(reply_to) = &c.ticket.reply_to {
+            match session.publish(reply_to.as_str(), &body, props).await {
+                Ok(confirm) => confirms.push(confirm),
+                Err(e) => {
+                    session.fail(format!("result copy publish: {e}"));
+                    break;
+                }
+            }
+        }
+        pending.push((c.ticket.delivery_tag, confirms));
+    }
+    let timeout = Duration::from_millis(session.cfg.operation_timeout_ms);
+    async move {
+        let mut out = Vec::with_capacity(pending.len());
+        for (tag, confirms) in pending {
+            let mut result = Ok(true);
+            for confirm in confirms {
+                match tokio::time::timeout(timeout, confirm).await {
+                    Err(_) => result = Err("publisher confirm timed out".to_string()),
+                    Ok(Err(e)) => result = Err(format!("publisher confirm: {e}")),
+                    Ok(Ok(c)) if c.is_nack() => {
+                        if result.is_ok() {
+                            result = Ok(false);
+                        }
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+            out.push((tag, result));
+        }
+        (session, out)
+    }
+}
+
+async fn settle(
+    session: &Session,
+    tags: Vec<(u64, Result<bool, String>)>,
+    stats: &mut SettleStats,
+) {
+    if session.is_broken() {
+        return;
+    }
+    let mut ready = Vec::with_capacity(tags.len());
+    for (tag, result) in tags {
+        match result {
+            Ok(true) => ready.push(tag),
+            Ok(false) => {
+                tracing::warn!(
+                    delivery_tag = tag,
+                    "broker refused a result (nack): request requeued"
+                );
+                if let Err(e) = session.requeue(tag).await {
+                    session.fail(format!("requeue: {e}"));
+                    return;
+                }
+                stats.requeued += 1;
+            }
+            Err(e) => {
+                session.fail(e);
+                return;
+            }
+        }
+    }
+    match session.ack(&ready).await {
+        Ok(()) => stats.acked += ready.len() as u64,
+        Err(e) => session.fail(format!("ack: {e}")),
+    }
+}

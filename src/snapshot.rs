@@ -1,0 +1,336 @@
+//! Snapshots: the whole durable state as JSON, written atomically, newest two kept.
+//!
+//! File `snapshot-<seq, 20 digits>.json` = one header line, then the body:
+//!
+//! ```text
+//! {"format":"rewardpool-snapshot","version":1,"seq":N,"body_bytes":L,"body_crc32c":C}
+//! {"seq":N,"reserved_ids":..,"last_drawn_id":..,"pools":[..],"window":[..]}
+//! ```
+//!
+//! `seq` is the last WAL batch the snapshot covers. Write: temp file, fsync, rename, fsync the
+//! directory — a crash at any step leaves either the old set of snapshots or the new one, plus
+//! perhaps a `.tmp` that recovery deletes. Taking a snapshot is split in two so the engine
+//! barely stalls: `Image::capture` copies what changes (quantities, the window's `Arc`s) on the
+//! engine thread; serialising and writing happen on the snapshot thread.
+
+use crate::dedupe::{MessageKey, key_from_hex, key_to_hex};
+use crate::failpoint::failpoint;
+use crate::pool::{Item, Mode, Pool};
+use crate::state::{Outcome, State};
+use crate::wal::{self, sync_dir};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const FORMAT: &str = "rewardpool-snapshot";
+const VERSION: u32 = 1;
+/// How many snapshots are kept. WAL segments are deleted only below the oldest kept one, so a
+/// corrupt newest snapshot falls back to the older one with the WAL still there to replay.
+pub const SNAPSHOTS_KEPT: usize = 2;
+
+/// The state copied at a batch boundary, cheap to take on the engine thread.
+pub struct Image {
+    pub seq: u64,
+    pub reserved_ids: u64,
+    pub last_drawn_id: u64,
+    pools: Vec<PoolImage>,
+    window: Vec<(MessageKey, Arc<Outcome>)>,
+}
+
+struct PoolImage {
+    id: Arc<str>,
+    mode: Mode,
+    items: Vec<Item>,
+}
+
+impl Image {
+    pub fn capture(state: &State) -> Image {
+        Image {
+            seq: state.seq,
+            reserved_ids: state.reserved_ids,
+            last_drawn_id: state.last_drawn_id,
+            pools: state
+                .pools
+                .iter()
+                .map(|slot| PoolImage {
+                    id: slot.id.clone(),
+                    mode: slot.pool.mode(),
+                    items: slot.pool.items().to_vec(),
+                })
+                .collect(),
+            window: state.window.iter().map(|(k, v)| (k, v.clone())).collect(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    seq: u64,
+    body_bytes: u64,
+    body_crc32c: u32,
+}
+
+#[derive(Serialize)]
+struct BodyOut<'a> {
+    seq: u64,
+    reserved_ids: u64,
+    last_drawn_id: u64,
+    pools: Vec<PoolOut<'a>>,
+    window: Vec<EntryOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct PoolOut<'a> {
+    id: &'a str,
+    mode: Mode,
+    items: &'a [Item],
+}
+
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    key: String,
+    request_id: u64,
+    pool: &'a str,
+    user: &'a str,
+    count: u32,
+    items: Vec<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BodyIn {
+    seq: u64,
+    reserved_ids: u64,
+    last_drawn_id: u64,
+    pools: Vec<PoolIn>,
+    window: Vec<EntryIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolIn {
+    id: String,
+    mode: Mode,
+    items: Vec<Item>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntryIn {
+    key: String,
+    request_id: u64,
+    pool: String,
+    user: String,
+    count: u32,
+    items: Vec<String>,
+}
+
+pub fn file_name(seq: u64) -> String {
+    format!("snapshot-{seq:020}.json")
+}
+
+/// Snapshots in the directory, newest first.
+pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(seq) = name
+            .strip_prefix("snapshot-")
+            .and_then(|s| s.strip_suffix(".json"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((seq, entry.path()));
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.0));
+    Ok(out)
+}
+
+/// Serialises the image (header line + body).
+pub fn encode(image: &Image) -> Vec<u8> {
+    let body = BodyOut {
+        seq: image.seq,
+        reserved_ids: image.reserved_ids,
+        last_drawn_id: image.last_drawn_id,
+        pools: image
+            .pools
+            .iter()
+            .map(|p| PoolOut {
+                id: &p.id,
+                mode: p.mode,
+                items: &p.items,
+            })
+            .collect(),
+        window: image
+            .window
+            .iter()
+            .map(|(k, o)| EntryOut {
+                key: key_to_hex(*k),
+                request_id: o.request_id,
+                pool: &o.pool,
+                user: &o.user,
+                count: o.count,
+                items: o.items.iter().map(|s| &**s).collect(),
+            })
+            .collect(),
+    };
+    let body = serde_json::to_vec(&body).expect("snapshot body serialises");
+    let header = Header {
+        format: FORMAT.into(),
+        version: VERSION,
+        seq: image.seq,
+        body_bytes: body.len() as u64,
+        body_crc32c: crc32c::crc32c(&body),
+    };
+    let mut out = serde_json::to_vec(&header).expect("header serialises");
+    out.push(b'\n');
+    out.extend_from_slice(&body);
+    out.push(b'\n');
+    out
+}
+
+/// Writes the snapshot atomically and durably; returns its path.
+pub fn write(dir: &Path, image: &Image) -> io::Result<PathBuf> {
+    let bytes = encode(image);
+    let path = dir.join(file_name(image.seq));
+    let tmp = dir.join(format!("{}.tmp", file_name(image.seq)));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        failpoint("snapshot.after_tmp_write");
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    failpoint("snapshot.after_rename");
+    sync_dir(dir)?;
+    failpoint("snapshot.after_dir_sync");
+    Ok(path)
+}
+
+/// Parses and checks a snapshot file into a `State`.
+pub fn load(path: &Path, dedupe_window: usize) -> Result<State, String> {
+    let bytes = fs::read(path).map_err(|e| format!("read: {e}"))?;
+    decode(&bytes, dedupe_window)
+}
+
+pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
+    let nl = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("no header line")?;
+    let header: Header =
+        serde_json::from_slice(&bytes[..nl]).map_err(|e| format!("header: {e}"))?;
+    if header.format != FORMAT || header.version != VERSION {
+        return Err(format!(
+            "unsupported format {:?} version {}",
+            header.format, header.version
+        ));
+    }
+    let body = &bytes[nl + 1..];
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if body.len() as u64 != header.body_bytes {
+        return Err(format!(
+            "body is {} bytes, header says {}",
+            body.len(),
+            header.body_bytes
+        ));
+    }
+    let crc = crc32c::crc32c(body);
+    if crc != header.body_crc32c {
+        return Err(format!(
+            "body checksum {crc:#010x}, header says {:#010x}",
+            header.body_crc32c
+        ));
+    }
+    let body: BodyIn = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    if body.seq != header.seq {
+        return Err("body and header disagree on seq".into());
+    }
+    if body.last_drawn_id > body.reserved_ids {
+        return Err("last_drawn_id above reserved_ids".into());
+    }
+    let mut state = State::new(dedupe_window);
+    state.seq = body.seq;
+    state.reserved_ids = body.reserved_ids;
+    state.last_drawn_id = body.last_drawn_id;
+    for p in body.pools {
+        let pool = Pool::from_items(&p.id, p.mode, p.items).map_err(|e| e.to_string())?;
+        state.add_pool(pool).map_err(|e| e.to_string())?;
+    }
+    // A smaller configured window keeps the newest entries.
+    let skip = body.window.len().saturating_sub(dedupe_window);
+    let mut last_id = 0;
+    let mut name_maps: Vec<Option<std::collections::HashMap<Arc<str>, Arc<str>>>> =
+        vec![None; state.pools.len()];
+    for e in body.window.into_iter().skip(skip) {
+        let key = key_from_hex(&e.key).ok_or("bad window key")?;
+        let index = state
+            .pool_index(&e.pool)
+            .ok_or_else(|| format!("window entry names unknown pool {:?}", e.pool))?;
+        let slot = state.pool(index).expect("index from pool_index");
+        let names = name_maps[index as usize]
+            .get_or_insert_with(|| slot.names.iter().map(|n| (n.clone(), n.clone())).collect());
+        let mut items = Vec::with_capacity(e.items.len());
+        for name in &e.items {
+            let found = names
+                .get(name.as_str())
+                .ok_or_else(|| format!("window entry names unknown item {name:?}"))?;
+            items.push(found.clone());
+        }
+        if e.request_id <= last_id || e.request_id > state.last_drawn_id {
+            return Err("window entries out of order".into());
+        }
+        last_id = e.request_id;
+        if state.window.contains(&key) {
+            return Err("window key twice".into());
+        }
+        let outcome = Outcome {
+            request_id: e.request_id,
+            pool: slot.id.clone(),
+            user: Arc::from(e.user),
+            count: e.count,
+            items,
+        };
+        state.window.insert(key, Arc::new(outcome));
+    }
+    Ok(state)
+}
+
+/// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then every WAL segment whose batches
+/// all lie at or below the oldest kept snapshot. Oldest files go first, so a crash midway
+/// leaves a WAL without holes.
+pub fn prune(dir: &Path, keep_all_wal: bool) -> io::Result<()> {
+    let snapshots = list(dir)?;
+    if snapshots.len() < SNAPSHOTS_KEPT {
+        return Ok(());
+    }
+    let oldest_kept = snapshots[SNAPSHOTS_KEPT - 1].0;
+    for (_, path) in snapshots.iter().skip(SNAPSHOTS_KEPT).rev() {
+        fs::remove_file(path)?;
+        failpoint("snapshot.mid_prune");
+    }
+    if !keep_all_wal {
+        let segments = wal::list_segments(dir)?;
+        for pair in segments.windows(2) {
+            // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
+            if pair[1].first_seq - 1 <= oldest_kept {
+                fs::remove_file(&pair[0].path)?;
+                failpoint("snapshot.mid_prune");
+            } else {
+                break;
+            }
+        }
+    }
+    sync_dir(dir)
+}

@@ -1,0 +1,212 @@
+//! The worker (`rewardpool run`): recovery, the engine, and the broker sessions around it.
+//!
+//! ```text
+//! recover ─▶ engine threads ─────────────────────────────┐
+//!              ▲ Command (bounded)                        │ Committed (durable)
+//! broker ─▶ ingest (per session) ── accepted reply ─▶     ▼
+//!                                              settle: results, confirms, acks ─▶ broker
+//! ```
+//!
+//! The supervisor loop owns the sessions: connect, declare, consume; on any error it drops the
+//! session whole, backs off (capped exponential) and builds a new one. The engine, the admission
+//! window and the settler live across sessions. There is one shutdown path: the signal stops
+//! ingest (consumer cancelled), the engine is closed and drains, the settler publishes and acks
+//! everything accepted, unaccepted deliveries are nacked back to the queue, the engine writes
+//! its final snapshot, and the process exits 0 — all within `amqp.shutdown_deadline_ms`.
+
+use crate::admission::Admission;
+use crate::amqp::{self, AmqpError, Link};
+use crate::config::{AmqpConfig, Config};
+use crate::drill::engine_options;
+use crate::engine::Engine;
+use crate::ingest::{self, IngestEnd, Pools};
+use crate::recovery;
+use crate::session::{Session, Ticket};
+use crate::settle;
+use crate::shutdown;
+use lapin::Consumer;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+pub fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("rp-async")
+        .build()?;
+    runtime.block_on(run_async(config))
+}
+
+async fn open_session(cfg: &AmqpConfig, epoch: u64) -> Result<(Link, Consumer), AmqpError> {
+    let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
+    amqp::declare(&link, cfg).await?;
+    let session_probe = Session::new(
+        epoch,
+        link.consume.clone(),
+        link.publish.clone(),
+        Arc::new(cfg.clone()),
+    );
+    let consumer = ingest::start_consumer(&session_probe, &cfg.request_queue).await?;
+    Ok((link, consumer))
+}
+
+async fn close_link(link: &Link, cfg: &AmqpConfig) {
+    let _ = amqp::timed(
+        "connection.close",
+        cfg.operation_timeout_ms.min(2000),
+        link.connection.close(200, "rewardpool closing".into()),
+    )
+    .await;
+}
+
+pub async fn run_async(config: Config) -> anyhow::Result<ExitCode> {
+    let mut stop = shutdown::listen()?;
+    let cfg = Arc::new(config.amqp.clone());
+    tracing::info!(data_dir = %config.storage.data_dir.display(), "recovering");
+    let recovery_config = config.clone();
+    let recovered =
+        tokio::task::spawn_blocking(move || recovery::recover(&recovery_config, false)).await??;
+    let state = recovered.state;
+    let pools = Pools {
+        default_pool: config.pools[0].id.clone(),
+        index: config
+            .pools
+            .iter()
+            .map(|p| {
+                let index = state
+                    .pool_index(&p.id)
+                    .expect("recovery seeds every config pool");
+                (p.id.clone(), index)
+            })
+            .collect(),
+    };
+    let window = Admission::<Ticket>::window_of(&state);
+    let (mut engine, committed) =
+        Engine::<Ticket>::start(state, recovered.segment, engine_options(&config, false));
+    let mut admission = Admission::new(window, engine.ids(), engine.sender());
+    let (current_tx, current_rx) = watch::channel::<Option<Arc<Session>>>(None);
+    let settler = tokio::spawn(settle::run(committed, current_rx));
+
+    let backoff_min = Duration::from_millis(cfg.reconnect_backoff_min_ms);
+    let backoff_max = Duration::from_millis(cfg.reconnect_backoff_max_ms);
+    let mut backoff = backoff_min;
+    let mut epoch = 0u64;
+    let mut engine_failed = false;
+    let mut last_session: Option<(Link, Arc<Session>)> = None;
+    tracing::info!(url = %cfg.url_redacted(), queue = %cfg.request_queue, "connecting to the broker");
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        epoch += 1;
+        let (link, consumer) = match open_session(&cfg, epoch).await {
+            Ok(v) => v,
+            Err(e) if e.is_permanent() => {
+                tracing::error!(error = %e, "cannot use the broker's queues");
+                drop(admission);
+                engine.close();
+                let _ = settler.await;
+                let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+                return Err(e.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
+        };
+        backoff = backoff_min;
+        let session = Arc::new(Session::new(
+            epoch,
+            link.consume.clone(),
+            link.publish.clone(),
+            cfg.clone(),
+        ));
+        let _ = current_tx.send(Some(session.clone()));
+        tracing::info!(epoch, "connected; consuming");
+        match ingest::run(
+            session.clone(),
+            consumer,
+            &mut admission,
+            &pools,
+            stop.clone(),
+        )
+        .await
+        {
+            IngestEnd::Shutdown => {
+                last_session = Some((link, session));
+                break;
+            }
+            IngestEnd::EngineGone => {
+                engine_failed = true;
+                session.fail("engine stopped".into());
+                let _ = current_tx.send(None);
+                close_link(&link, &cfg).await;
+                break;
+            }
+            IngestEnd::Failed(reason) => {
+                tracing::warn!(%reason, epoch, "broker session lost; reconnecting");
+                session.fail(reason);
+                let _ = current_tx.send(None);
+                close_link(&link, &cfg).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+            }
+        }
+    }
+
+    // The one shutdown path.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.shutdown_deadline_ms);
+    drop(admission);
+    engine.close();
+    let settled = tokio::time::timeout_at(deadline, settler).await;
+    let mut clean = true;
+    match settled {
+        Ok(Ok(stats)) => tracing::info!(
+            acked = stats.acked,
+            requeued = stats.requeued,
+            dropped_stale = stats.dropped_stale,
+            "results settled"
+        ),
+        Ok(Err(e)) => {
+            clean = false;
+            tracing::error!(error = %e, "settler failed");
+        }
+        Err(_) => {
+            clean = false;
+            tracing::error!(
+                "shutdown deadline passed before every accepted request was acked; they will be redelivered"
+            );
+        }
+    }
+    if let Some((link, session)) = last_session {
+        if let Err(e) = session.requeue_unsettled().await {
+            tracing::warn!(error = %e, "could not return unaccepted deliveries; closing the connection returns them");
+        }
+        close_link(&link, &cfg).await;
+    }
+    let joined = tokio::task::spawn_blocking(move || engine.join()).await?;
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "engine stopped with an error");
+        return Err(e.into());
+    }
+    if engine_failed {
+        anyhow::bail!("the engine stopped");
+    }
+    drop(recovered.lock);
+    tracing::info!("stopped");
+    Ok(if clean {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
