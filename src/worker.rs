@@ -62,7 +62,16 @@ async fn close_link(link: &Link, cfg: &AmqpConfig) {
 }
 
 pub async fn run_async(config: Config) -> anyhow::Result<ExitCode> {
-    let mut stop = shutdown::listen()?;
+    let stop = shutdown::listen()?;
+    run_until(config, stop).await
+}
+
+/// Runs the worker until `stop` turns true (used by `run_async` with the signal listener, and
+/// by benchmarks and tests that embed the worker).
+pub async fn run_until(
+    config: Config,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<ExitCode> {
     let cfg = Arc::new(config.amqp.clone());
     tracing::info!(data_dir = %config.storage.data_dir.display(), "recovering");
     let recovery_config = config.clone();
