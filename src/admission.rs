@@ -30,6 +30,14 @@ pub struct Assigned {
 #[error("the engine has stopped")]
 pub struct EngineGone;
 
+/// Asks the engine to reserve IDs; false when the engine has stopped.
+fn wake<T>(engine: &mpsc::Sender<Command<T>>) -> bool {
+    !matches!(
+        engine.try_send(Command::Wake),
+        Err(mpsc::error::TrySendError::Closed(_))
+    )
+}
+
 pub struct Admission<T> {
     ids: Arc<IdAllocator>,
     window: Window<u64>,
@@ -65,50 +73,50 @@ impl<T> Admission<T> {
 
     /// Hands out the request ID (or finds the first request's). Async: waits only if ingest
     /// outran the ID reservation.
-    pub async fn assign(&mut self, message_id: Option<&str>) -> Assigned {
+    pub async fn assign(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
         let key = message_id.map(message_key);
         if let Some(first) = key.and_then(|k| self.window.get(&k)) {
-            return Assigned {
+            return Ok(Assigned {
                 request_id: *first,
                 repeat: true,
                 key,
-            };
+            });
         }
         let engine = self.engine.clone();
         let request_id = self
             .ids
-            .next(move || {
-                let _ = engine.try_send(Command::Wake);
-            })
-            .await;
+            .next(move || wake(&engine))
+            .await
+            .ok_or(EngineGone)?;
         self.remember(key, request_id);
-        Assigned {
+        Ok(Assigned {
             request_id,
             repeat: false,
             key,
-        }
+        })
     }
 
     /// Blocking `assign`, for threads outside the runtime (drills, benchmarks).
-    pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Assigned {
+    pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
         let key = message_id.map(message_key);
         if let Some(first) = key.and_then(|k| self.window.get(&k)) {
-            return Assigned {
+            return Ok(Assigned {
                 request_id: *first,
                 repeat: true,
                 key,
-            };
+            });
         }
         let engine = self.engine.clone();
-        let request_id = self.ids.next_blocking(move || {
-            let _ = engine.try_send(Command::Wake);
-        });
+        let request_id = self
+            .ids
+            .next_blocking(move || wake(&engine))
+            .ok_or(EngineGone)?;
         self.remember(key, request_id);
-        Assigned {
+        Ok(Assigned {
             request_id,
             repeat: false,
             key,
-        }
+        })
     }
 
     fn remember(&mut self, key: Option<MessageKey>, request_id: u64) {

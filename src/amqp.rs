@@ -22,11 +22,10 @@ use std::time::Duration;
 pub enum AmqpError {
     #[error("broker call {what} timed out after {ms} ms")]
     Timeout { what: &'static str, ms: u64 },
-    #[error("broker call {what} failed: {source}")]
+    #[error("broker call {what} failed: {error}")]
     Broker {
         what: &'static str,
-        #[source]
-        source: lapin::Error,
+        error: lapin::Error,
     },
     #[error(
         "queue {queue:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.queue_type, amqp.delivery_limit)"
@@ -51,7 +50,7 @@ pub async fn timed<T>(
 ) -> Result<T, AmqpError> {
     match tokio::time::timeout(Duration::from_millis(ms), fut).await {
         Err(_) => Err(AmqpError::Timeout { what, ms }),
-        Ok(Err(source)) => Err(AmqpError::Broker { what, source }),
+        Ok(Err(error)) => Err(AmqpError::Broker { what, error }),
         Ok(Ok(v)) => Ok(v),
     }
 }
@@ -174,13 +173,13 @@ async fn declare_queue(
     .await
     {
         Ok(_) => Ok(()),
-        Err(AmqpError::Broker { source, .. })
-            if source.to_string().contains("PRECONDITION_FAILED")
-                || source.to_string().contains("inequivalent") =>
+        Err(AmqpError::Broker { error, .. })
+            if error.to_string().contains("PRECONDITION_FAILED")
+                || error.to_string().contains("inequivalent") =>
         {
             Err(AmqpError::Inequivalent {
                 queue: queue.to_string(),
-                detail: source.to_string(),
+                detail: error.to_string(),
             })
         }
         Err(e) => Err(e),

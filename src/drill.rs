@@ -87,7 +87,9 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
     });
     for k in options.first..options.first + options.requests {
         let message_id = format!("m-{k}");
-        let assigned = admission.assign_blocking(Some(&message_id));
+        let Ok(assigned) = admission.assign_blocking(Some(&message_id)) else {
+            break;
+        };
         if !quiet {
             println!(
                 "assigned {} {} {}",

@@ -49,30 +49,36 @@ impl IdAllocator {
         }
     }
 
-    /// Waits (async) for the next ID; `wake` asks the engine to reserve.
-    pub async fn next(&self, wake: impl Fn()) -> u64 {
+    /// Waits (async) for the next ID; `wake` asks the engine to reserve and returns false
+    /// when the engine is gone (then no ID will ever come: `None`).
+    pub async fn next(&self, wake: impl Fn() -> bool) -> Option<u64> {
         loop {
             if let Some(id) = self.try_next() {
-                return id;
+                return Some(id);
             }
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if let Some(id) = self.try_next() {
-                return id;
+                return Some(id);
             }
-            wake();
-            notified.await;
+            if !wake() {
+                return None;
+            }
+            // Bounded wait: a wake lost to a full channel is retried.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
         }
     }
 
     /// Blocking variant for threads outside the async runtime.
-    pub fn next_blocking(&self, wake: impl Fn()) -> u64 {
+    pub fn next_blocking(&self, wake: impl Fn() -> bool) -> Option<u64> {
         loop {
             if let Some(id) = self.try_next() {
-                return id;
+                return Some(id);
             }
-            wake();
+            if !wake() {
+                return None;
+            }
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }

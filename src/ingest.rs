@@ -171,7 +171,7 @@ async fn handle(
 
     let assigned = admission
         .assign(message_id.as_ref().map(|m| m.as_str()))
-        .await;
+        .await?;
     debug_assert_eq!(assigned.repeat, parsed.is_none());
     if let Some(reply_to) = &reply_to {
         let confirm = session

@@ -24,16 +24,16 @@ pub enum LockError {
         lock: String,
         owner: String,
     },
-    #[error("cannot open lock file {path}: {source}")]
-    Io { path: String, source: io::Error },
+    #[error("cannot open lock file {path}: {error}")]
+    Io { path: String, error: io::Error },
 }
 
 impl DirLock {
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let path = dir.join("LOCK");
-        let io_err = |source| LockError::Io {
+        let io_err = |error| LockError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         };
         let mut file = OpenOptions::new()
             .create(true)

@@ -29,11 +29,11 @@ pub enum RecoveryError {
         "disk full while writing {path}: free space on the disk of the data directory and start again (nothing was lost)"
     )]
     DiskFull { path: String },
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {error}")]
     Io {
         what: &'static str,
         path: String,
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "WAL corrupt in {file} at byte offset {offset}: {reason}; valid data follows, so this is not a torn write. Refusing to start: move the damaged file aside only if losing its records is acceptable"
@@ -57,8 +57,8 @@ pub enum RecoveryError {
     Lock(#[from] LockError),
 }
 
-fn io_error(what: &'static str, path: &Path, source: io::Error) -> RecoveryError {
-    if source.kind() == io::ErrorKind::StorageFull || source.raw_os_error() == Some(libc::ENOSPC) {
+fn io_error(what: &'static str, path: &Path, error: io::Error) -> RecoveryError {
+    if is_disk_full(&error) {
         return RecoveryError::DiskFull {
             path: path.display().to_string(),
         };
@@ -66,8 +66,12 @@ fn io_error(what: &'static str, path: &Path, source: io::Error) -> RecoveryError
     RecoveryError::Io {
         what,
         path: path.display().to_string(),
-        source,
+        error,
     }
+}
+
+fn is_disk_full(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::StorageFull || error.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// What `load` found, for logs and for `recover`'s repairs.
@@ -257,7 +261,10 @@ pub struct Recovered {
 pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, RecoveryError> {
     let dir = config.storage.data_dir.as_path();
     fs::create_dir_all(dir).map_err(|e| io_error("create data directory", dir, e))?;
-    let lock = DirLock::acquire(dir)?;
+    let lock = DirLock::acquire(dir).map_err(|e| match e {
+        LockError::Io { path, error } if is_disk_full(&error) => RecoveryError::DiskFull { path },
+        e => RecoveryError::Lock(e),
+    })?;
     remove_temp_files(dir)?;
     let (mut state, report) = load(dir, config.storage.dedupe_window)?;
     for (path, reason) in &report.bad_snapshots {
