@@ -143,6 +143,7 @@ impl<T> Admission<T> {
             Command::Draw(DrawRequest {
                 request_id: assigned.request_id,
                 message_id,
+                key: assigned.key,
                 pool_index,
                 user,
                 count,

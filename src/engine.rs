@@ -54,6 +54,8 @@ pub struct EngineOptions {
 pub struct DrawRequest<T> {
     pub request_id: u64,
     pub message_id: Option<String>,
+    /// `message_key(message_id)`, computed once by admission.
+    pub key: Option<MessageKey>,
     pub pool_index: u32,
     pub user: String,
     pub count: u32,
@@ -307,7 +309,8 @@ fn engine_loop<T>(
                         req.request_id,
                         state.reserved_ids
                     );
-                    let key = req.message_id.as_deref().map(message_key);
+                    debug_assert_eq!(req.key, req.message_id.as_deref().map(message_key));
+                    let key = req.key;
                     if let Some(first) = key.and_then(|k| state.window.get(&k)) {
                         // Ingest recognises repeats first; this is the engine's own guard.
                         tracing::warn!(

@@ -77,12 +77,48 @@ pub enum DecodeError {
     Trailing(usize),
 }
 
-/// Appends the framed encoding of a draw to `out` without building a `Record` (hot path).
-pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRecord) {
+/// A draw borrowed from the engine's request, encoded without copying its strings.
+#[derive(Clone, Copy, Debug)]
+pub struct DrawRef<'a> {
+    pub request_id: u64,
+    pub message_id: Option<&'a str>,
+    pub pool_index: u32,
+    pub user: &'a str,
+    pub count: u32,
+    pub items: &'a [u32],
+}
+
+impl DrawRecord {
+    pub fn as_ref(&self) -> DrawRef<'_> {
+        DrawRef {
+            request_id: self.request_id,
+            message_id: self.message_id.as_deref(),
+            pool_index: self.pool_index,
+            user: &self.user,
+            count: self.count,
+            items: &self.items,
+        }
+    }
+}
+
+impl DrawRef<'_> {
+    pub fn to_owned(&self) -> DrawRecord {
+        DrawRecord {
+            request_id: self.request_id,
+            message_id: self.message_id.map(str::to_string),
+            pool_index: self.pool_index,
+            user: self.user.to_string(),
+            count: self.count,
+            items: self.items.to_vec(),
+        }
+    }
+}
+
+/// Appends the framed encoding of a draw to `out` (hot path: no `Record`, no copies).
+pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRef<'_>) {
     assert!(draw.request_id > 0);
     assert!(
         draw.message_id
-            .as_ref()
             .is_none_or(|m| m.len() <= MESSAGE_ID_BYTES_MAX)
     );
     assert!(draw.user.len() <= USER_BYTES_MAX);
@@ -91,7 +127,7 @@ pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRecord) {
     let start = begin_frame(out);
     out.push(KIND_DRAW);
     out.extend_from_slice(&draw.request_id.to_le_bytes());
-    match &draw.message_id {
+    match draw.message_id {
         None => out.push(0),
         Some(m) => {
             out.push(1);
@@ -104,7 +140,7 @@ pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRecord) {
     out.extend_from_slice(draw.user.as_bytes());
     out.push(draw.count as u8);
     out.push(draw.items.len() as u8);
-    for item in &draw.items {
+    for item in draw.items {
         out.extend_from_slice(&item.to_le_bytes());
     }
     end_frame(out, start);
@@ -112,7 +148,7 @@ pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRecord) {
 
 pub fn encode(out: &mut Vec<u8>, record: &Record) {
     match record {
-        Record::Draw(draw) => encode_draw(out, draw),
+        Record::Draw(draw) => encode_draw(out, &draw.as_ref()),
         Record::Reserve { ids_up_to } => {
             let start = begin_frame(out);
             out.push(KIND_RESERVE);
@@ -356,7 +392,7 @@ mod tests {
         #[test]
         fn draw_roundtrip(draw in draw_strategy()) {
             let mut buf = Vec::new();
-            encode_draw(&mut buf, &draw);
+            encode_draw(&mut buf, &draw.as_ref());
             let (back, used) = decode(&buf).unwrap();
             prop_assert_eq!(used, buf.len());
             prop_assert_eq!(back, Record::Draw(draw));
@@ -365,7 +401,7 @@ mod tests {
         #[test]
         fn any_single_bit_flip_is_detected(draw in draw_strategy(), bit in any::<prop::sample::Index>()) {
             let mut buf = Vec::new();
-            encode_draw(&mut buf, &draw);
+            encode_draw(&mut buf, &draw.as_ref());
             let i = bit.index(buf.len() * 8);
             buf[i / 8] ^= 1 << (i % 8);
             prop_assert!(decode(&buf).is_err());

@@ -7,7 +7,7 @@
 
 use crate::dedupe::{MessageKey, Window, message_key};
 use crate::pool::{DrawRng, Item, Mode, Pool, PoolError};
-use crate::record::{DrawRecord, Record, SeedItem};
+use crate::record::{DrawRef, Record, SeedItem};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -236,13 +236,13 @@ impl State {
         let mut items = std::mem::take(&mut self.scratch);
         items.clear();
         slot.pool.draw(input.count, rng, &mut items);
-        let record = DrawRecord {
+        let record = DrawRef {
             request_id: input.request_id,
-            message_id: input.message_id.map(str::to_string),
+            message_id: input.message_id,
             pool_index,
-            user: input.user.to_string(),
+            user: input.user,
             count: input.count,
-            items,
+            items: &items,
         };
         let at = wal.len();
         crate::record::encode_draw(wal, &record);
@@ -250,16 +250,16 @@ impl State {
             // Pair assertion: what we write reads back as what we drew.
             let (back, used) = crate::record::decode(&wal[at..]).expect("own record decodes");
             assert_eq!(used, wal.len() - at);
-            assert_eq!(back, Record::Draw(record.clone()));
+            assert_eq!(back, Record::Draw(record.to_owned()));
         }
         let outcome = self.outcome(
             input.request_id,
             pool_index,
             input.user,
             input.count,
-            &record.items,
+            &items,
         );
-        self.scratch = record.items;
+        self.scratch = items;
         self.commit_draw(input.key, outcome.clone())?;
         Ok(outcome)
     }
