@@ -121,7 +121,8 @@ impl<T> Admission<T> {
 
     fn remember(&mut self, key: Option<MessageKey>, request_id: u64) {
         if let Some(key) = key {
-            self.window.insert(key, request_id);
+            let inserted = self.window.try_insert(key, request_id);
+            assert!(inserted, "a known message_id was given a new ID");
         }
     }
 

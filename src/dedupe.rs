@@ -65,7 +65,11 @@ impl<V> Window<V> {
         assert!(capacity > 0);
         Window {
             capacity,
-            map: KeyMap::with_capacity_and_hasher(capacity.min(1 << 20), Default::default()),
+            // Twice the entries: FIFO eviction leaves tombstones; room keeps probes short.
+            map: KeyMap::with_capacity_and_hasher(
+                (capacity + 1).min(1 << 21) * 2,
+                Default::default(),
+            ),
             order: VecDeque::with_capacity(capacity.min(1 << 20)),
         }
     }
@@ -103,6 +107,24 @@ impl<V> Window<V> {
         self.order.push_back(key);
         debug_assert_eq!(self.map.len(), self.order.len());
         evicted
+    }
+
+    /// Inserts `key` unless present (one hash lookup); evicts the oldest entry when full.
+    /// Returns false, changing nothing, when the key is already there.
+    pub fn try_insert(&mut self, key: MessageKey, value: V) -> bool {
+        match self.map.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => return false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(value);
+            }
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.capacity {
+            let old = self.order.pop_front().expect("window is over capacity");
+            self.map.remove(&old).expect("window map and order agree");
+        }
+        debug_assert_eq!(self.map.len(), self.order.len());
+        true
     }
 
     /// Entries oldest first.

@@ -225,14 +225,8 @@ impl State {
                 last: self.last_drawn_id,
             });
         }
-        if let Some(key) = input.key
-            && let Some(first) = self.window.get(&key)
-        {
-            return Err(StateError::DrawnTwice {
-                request_id: input.request_id,
-                first: first.request_id,
-            });
-        }
+        // A key already in the window is caught by `commit_draw`; the engine checks for
+        // repeats before it draws, so that error is an invariant violation, not a path.
         let mut items = std::mem::take(&mut self.scratch);
         items.clear();
         slot.pool.draw(input.count, rng, &mut items);
@@ -298,13 +292,13 @@ impl State {
         }
         self.last_drawn_id = outcome.request_id;
         if let Some(key) = key {
-            if let Some(first) = self.window.get(&key) {
+            let request_id = outcome.request_id;
+            if !self.window.try_insert(key, outcome) {
                 return Err(StateError::DrawnTwice {
-                    request_id: outcome.request_id,
-                    first: first.request_id,
+                    request_id,
+                    first: self.window.get(&key).expect("present").request_id,
                 });
             }
-            self.window.insert(key, outcome);
         }
         Ok(())
     }

@@ -38,7 +38,11 @@ impl Default for BatchBuilder {
 
 impl BatchBuilder {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(64 * 1024);
+        Self::with_capacity(4096)
+    }
+
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(BATCH_HEADER_BYTES + bytes);
         buf.extend_from_slice(&[0u8; BATCH_HEADER_BYTES]);
         BatchBuilder { buf, records: 0 }
     }
