@@ -31,6 +31,10 @@ pub enum AmqpError {
         "queue {queue:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.queue_type, amqp.delivery_limit)"
     )]
     Inequivalent { queue: String, detail: String },
+    #[error(
+        "exchange {exchange:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.dead_letter_exchange)"
+    )]
+    InequivalentExchange { exchange: String, detail: String },
     #[error("{0}")]
     Session(String),
 }
@@ -38,7 +42,10 @@ pub enum AmqpError {
 impl AmqpError {
     /// Errors that no reconnect can fix.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, AmqpError::Inequivalent { .. })
+        matches!(
+            self,
+            AmqpError::Inequivalent { .. } | AmqpError::InequivalentExchange { .. }
+        )
     }
 }
 
@@ -104,7 +111,16 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
             FieldTable::default(),
         ),
     )
-    .await?;
+    .await
+    .map_err(|e| match e {
+        AmqpError::Broker { error, .. } if precondition_failed(&error) => {
+            AmqpError::InequivalentExchange {
+                exchange: dlx.clone(),
+                detail: error.to_string(),
+            }
+        }
+        e => e,
+    })?;
     let base = |extra: bool| {
         let mut args = FieldTable::default();
         args.insert(
@@ -158,6 +174,12 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     Ok(())
 }
 
+/// The broker refused a declaration because the object exists with other arguments.
+fn precondition_failed(error: &lapin::Error) -> bool {
+    let text = error.to_string();
+    text.contains("PRECONDITION_FAILED") || text.contains("inequivalent")
+}
+
 async fn declare_queue(
     ch: &Channel,
     queue: &str,
@@ -173,10 +195,7 @@ async fn declare_queue(
     .await
     {
         Ok(_) => Ok(()),
-        Err(AmqpError::Broker { error, .. })
-            if error.to_string().contains("PRECONDITION_FAILED")
-                || error.to_string().contains("inequivalent") =>
-        {
+        Err(AmqpError::Broker { error, .. }) if precondition_failed(&error) => {
             Err(AmqpError::Inequivalent {
                 queue: queue.to_string(),
                 detail: error.to_string(),

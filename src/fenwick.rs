@@ -4,55 +4,135 @@
 //! Why a Fenwick tree: a draw needs "which item owns the point `target` of the
 //! cumulative weight line", and a draw changes one item's weight (a unit is
 //! issued, or a limited item runs out). A flat prefix-sum array gives an
-//! O(log n) search but an O(n) update; a linear scan gives an O(1) update but an
-//! O(n) search. The Fenwick tree does both in O(log n) with one flat
-//! `Vec<u64>` and no pointers, so a 1,000,000-item pool draws nearly as fast
-//! as a 10-item one (about 20 steps instead of 4).
+//! O(log n) search but an O(n) update; a linear scan gives an O(1) update but
+//! an O(n) search. The Fenwick tree does both in O(log n) in flat arrays with
+//! no pointers, so a 1,000,000-item pool draws nearly as fast as a 10-item
+//! one (about 20 steps instead of 4, most of them in cache).
 //!
-//! Layout: the classic 1-based array, `tree[j]` holds the sum of the weights at
-//! positions `(j - lowbit(j), j]`. The capacity is rounded up to a power of two
-//! (the extra positions weigh 0) so that the search descent never has to test
-//! whether it stepped past the end: it needs only one comparison per level.
-//! The search descends from the highest power of two instead of binary
-//! searching over `prefix()`, which would cost O(log² n).
+//! Values: classic. Fenwick node `j` (1-based) holds the sum of the weights
+//! at positions `(j - lowbit(j), j]`; its level is `trailing_zeros(j)`. The
+//! capacity is rounded up to a power of two (at least 8; the extra positions
+//! weigh 0) so that the search needs one comparison per level and never
+//! tests whether it stepped past the end. The search descends from the
+//! highest power of two, not a binary search over `prefix()` (O(log² n)).
+//!
+//! Memory order: not classic. In the classic `tree[j]` order the nodes of the
+//! upper levels lie 2^level slots apart, each on its own cache line, spread
+//! over the whole array (8 MiB for 1,000,000 items), so nearly every one of
+//! the ~20 dependent loads of a search misses the L2 cache. Here:
+//! - the nodes of levels >= 3 (`j` a multiple of 8) are in `upper`, one
+//!   `Vec<u64>` in heap order, top level first: the root (`j == capacity`,
+//!   the total) at slot 0, and node `j = 8m` at slot
+//!   `(upper.len() + m) >> (trailing_zeros(m) + 1)`. The search walks it
+//!   from slot 1 to slot `2s` or `2s + 1`. For 1,000,000 items it is 1 MiB,
+//!   and its busiest upper part stays cached.
+//! - the nodes of levels 0..3 of each group of 8 positions are in one
+//!   64-byte-aligned block of `lower` (slot `j % 8` of block `j / 8`), so the
+//!   last three steps of a search read a single cache line.
+//!
+//! Measured side by side on the 2-core dev machine (while busy), a draw from
+//! a 1,000,000-item pool took ~550 ns (by_weight) and ~1,300 ns
+//! (by_quantity) with the classic order, ~300 ns and ~750 ns with this one.
+//! Small pools do not care: 10 and 10,000 items are in cache either way.
 
-/// Fenwick tree over `u64` weights of `len()` items, with the running total.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Positions per block of `lower`: one 64-byte cache line of `u64`.
+const BLOCK_POSITIONS: usize = 8;
+
+/// The nodes of levels 0..3 of one group of 8 positions; slot 0 is unused
+/// (position 8 of the group is a node of level >= 3, kept in `upper`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(align(64))]
+struct Block([u64; BLOCK_POSITIONS]);
+
+/// Fenwick tree over `u64` weights of `len()` items.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fenwick {
-    /// 1-based: `tree[0]` is unused, `tree.len() == capacity + 1`.
-    tree: Vec<u64>,
+    /// Nodes `j = 8m` (levels >= 3) in heap order, see the module doc;
+    /// `upper[0]` is the root, i.e. the total; `upper.len() == capacity / 8`.
+    upper: Vec<u64>,
+    /// Nodes `j` not a multiple of 8 (levels 0..3): `lower[j / 8].0[j % 8]`;
+    /// `lower.len() == capacity / 8`.
+    lower: Vec<Block>,
     /// Number of real items; positions `len..capacity` have weight 0.
     len: usize,
-    /// Half the capacity (a power of two, 0 when the capacity is 1): the
-    /// first step of the `find` descent.
-    first_step: usize,
-    /// Sum of all weights, kept so `total()` is O(1).
-    total: u64,
+    /// `log2(upper.len())`: the search steps taken in `upper`.
+    upper_levels: u32,
+}
+
+impl Default for Fenwick {
+    fn default() -> Self {
+        Fenwick::from_weights(&[])
+    }
 }
 
 impl Fenwick {
-    /// Builds the tree in O(n). Panics only if the weights sum past `u64::MAX`
-    /// (callers bound the weights so that it cannot happen).
+    /// Builds the tree in O(n).
+    ///
+    /// # Panics
+    /// If the weights sum past `u64::MAX` (callers bound the weights so that
+    /// it cannot happen).
     pub fn from_weights(weights: &[u64]) -> Fenwick {
         let len = weights.len();
-        let capacity = len.max(1).next_power_of_two();
-        let mut tree = vec![0u64; capacity + 1];
-        tree[1..=len].copy_from_slice(weights);
-        // Each node pushes its (complete) sum to its parent once: O(n).
-        for j in 1..=capacity {
-            let parent = j + lowbit(j);
-            if parent <= capacity {
-                tree[parent] = tree[parent]
-                    .checked_add(tree[j])
-                    .expect("fenwick: sum of weights overflows u64");
-            }
-        }
-        let total = tree[capacity];
-        Fenwick {
-            tree,
+        let capacity = len.max(BLOCK_POSITIONS).next_power_of_two();
+        let groups = capacity / BLOCK_POSITIONS;
+        let mut tree = Fenwick {
+            upper: vec![0u64; groups],
+            lower: vec![Block::default(); groups],
             len,
-            first_step: capacity / 2,
-            total,
+            upper_levels: groups.trailing_zeros(),
+        };
+        for (index, &weight) in weights.iter().enumerate() {
+            *tree.node_mut(index + 1) = weight;
+        }
+        // Each node, once complete, pushes its sum to its parent: O(n).
+        for j in 1..capacity {
+            let sum = tree.node(j);
+            let parent = tree.node_mut(j + lowbit(j));
+            *parent = parent
+                .checked_add(sum)
+                .expect("fenwick: sum of weights overflows u64");
+        }
+        tree
+    }
+
+    /// Number of positions (a power of two >= 8).
+    #[inline]
+    fn capacity(&self) -> usize {
+        self.upper.len() * BLOCK_POSITIONS
+    }
+
+    /// Slot in `upper` of Fenwick node `8 * group` (`group` in
+    /// `1..=upper.len()`).
+    #[inline]
+    fn upper_slot(&self, group: usize) -> usize {
+        let groups = self.upper.len();
+        if group == groups {
+            0
+        } else {
+            (groups + group) >> (group.trailing_zeros() + 1)
+        }
+    }
+
+    /// Value of Fenwick node `j` (`1..=capacity`).
+    #[inline]
+    fn node(&self, j: usize) -> u64 {
+        let (group, offset) = (j / BLOCK_POSITIONS, j % BLOCK_POSITIONS);
+        if offset == 0 {
+            self.upper[self.upper_slot(group)]
+        } else {
+            self.lower[group].0[offset]
+        }
+    }
+
+    /// Fenwick node `j` (`1..=capacity`), writable.
+    #[inline]
+    fn node_mut(&mut self, j: usize) -> &mut u64 {
+        let (group, offset) = (j / BLOCK_POSITIONS, j % BLOCK_POSITIONS);
+        if offset == 0 {
+            let slot = self.upper_slot(group);
+            &mut self.upper[slot]
+        } else {
+            &mut self.lower[group].0[offset]
         }
     }
 
@@ -69,7 +149,7 @@ impl Fenwick {
     /// Sum of all weights. O(1).
     #[inline]
     pub fn total(&self) -> u64 {
-        self.total
+        self.upper[0]
     }
 
     /// Adds `delta` (which may be negative) to the weight of item `index`.
@@ -83,47 +163,32 @@ impl Fenwick {
             return;
         }
         debug_assert!(
-            self.total.checked_add_signed(delta).is_some(),
-            "fenwick: total {} + {delta} out of range",
-            self.total
+            self.weight(index).checked_add_signed(delta).is_some()
+                && self.total().checked_add_signed(delta).is_some(),
+            "fenwick: weight or total + {delta} out of range"
         );
-        self.total = self.total.wrapping_add_signed(delta);
-        let capacity = self.tree.len() - 1;
+        let capacity = self.capacity();
         let mut j = index + 1;
         while j <= capacity {
-            debug_assert!(self.tree[j].checked_add_signed(delta).is_some());
-            self.tree[j] = self.tree[j].wrapping_add_signed(delta);
+            let node = self.node_mut(j);
+            *node = node.wrapping_add_signed(delta);
             j += lowbit(j);
         }
     }
 
-    /// Sets the weight of item `index` to `weight`. O(log n).
+    /// Sets the weight of item `index` to `weight`. O(log n). An index out of
+    /// range is ignored.
     pub fn set(&mut self, index: usize, weight: u64) {
-        let old = self.weight(index);
-        if weight >= old {
-            self.add_unsigned(index, weight - old, true);
-        } else {
-            self.add_unsigned(index, old - weight, false);
-        }
-    }
-
-    /// `add` for a magnitude that may not fit `i64`.
-    fn add_unsigned(&mut self, index: usize, magnitude: u64, grow: bool) {
         if index >= self.len {
             return;
         }
-        let capacity = self.tree.len() - 1;
-        let step = |x: u64| {
-            if grow {
-                x.wrapping_add(magnitude)
-            } else {
-                x.wrapping_sub(magnitude)
-            }
-        };
-        self.total = step(self.total);
+        let old = self.weight(index);
+        let capacity = self.capacity();
         let mut j = index + 1;
         while j <= capacity {
-            self.tree[j] = step(self.tree[j]);
+            // (node - old) + weight: cannot wrap, the node includes old.
+            let node = self.node_mut(j);
+            *node = node.wrapping_sub(old).wrapping_add(weight);
             j += lowbit(j);
         }
     }
@@ -135,13 +200,13 @@ impl Fenwick {
             return 0;
         }
         let node = index + 1;
-        let mut weight = self.tree[node];
-        // tree[node] covers (node - lowbit(node), node]; subtract the sums of
+        let mut weight = self.node(node);
+        // Node covers (node - lowbit(node), node]; subtract the sums of
         // (node - lowbit(node), node - 1] that its children hold.
         let stop = node - lowbit(node);
         let mut j = node - 1;
         while j > stop {
-            weight = weight.wrapping_sub(self.tree[j]);
+            weight = weight.wrapping_sub(self.node(j));
             j -= lowbit(j);
         }
         weight
@@ -153,7 +218,7 @@ impl Fenwick {
         let mut j = end.min(self.len);
         let mut sum = 0u64;
         while j > 0 {
-            sum = sum.wrapping_add(self.tree[j]);
+            sum = sum.wrapping_add(self.node(j));
             j -= lowbit(j);
         }
         sum
@@ -166,30 +231,46 @@ impl Fenwick {
     /// two, one comparison per level.
     #[inline]
     pub fn find(&self, target: u64) -> usize {
-        if target >= self.total {
+        if target >= self.total() {
             return self.len;
         }
-        let tree = self.tree.as_slice();
-        let mut position = 0usize; // items 0..position lie wholly below target
-        let mut remaining = target; // target - prefix(position)
-        let mut step = self.first_step;
-        while step > 0 {
-            // position + step <= capacity always holds: position is a sum of
-            // distinct larger powers of two below capacity.
-            let sum = tree[position + step];
-            if sum <= remaining {
-                position += step;
-                remaining -= sum;
-            }
-            step >>= 1;
+        // Invariant: the search stands at `position` (items below it lie
+        // wholly below target) and remaining = target - prefix(position). At
+        // level k it reads node position + 2^k, covering
+        // (position, position + 2^k], and moves past it if that sum is
+        // <= remaining. Branch-free on purpose: the direction is a coin flip,
+        // and a mispredicted branch costs more than the data dependency.
+        let mut remaining = target;
+        // Levels >= 3 in `upper`: node 8 * group at heap slot `slot`; each
+        // level doubles the slot, plus one on a move right.
+        let upper = self.upper.as_slice();
+        let mut slot = 1usize;
+        for _ in 0..self.upper_levels {
+            let sum = upper[slot];
+            let right = sum <= remaining;
+            slot = 2 * slot + usize::from(right);
+            remaining -= sum & u64::from(right).wrapping_neg();
         }
+        // After the last upper level, slot = upper.len() + group.
+        let group = slot - upper.len();
+        // Levels 2, 1, 0 inside the group's cache line.
+        let block = &self.lower[group].0;
+        let mut offset = 0usize;
+        for step in [4usize, 2, 1] {
+            let sum = block[offset + step];
+            let right = sum <= remaining;
+            offset += step & usize::from(right).wrapping_neg();
+            remaining -= sum & u64::from(right).wrapping_neg();
+        }
+        let position = group * BLOCK_POSITIONS + offset;
         // target < total, and padding positions weigh 0, so position < len.
         debug_assert!(position < self.len);
         position
     }
 }
 
-/// Lowest set bit of `j`: the length of the range that node `j` covers.
+/// Lowest set bit of `j`: the length of the range that Fenwick node `j`
+/// covers.
 #[inline]
 fn lowbit(j: usize) -> usize {
     j & j.wrapping_neg()
@@ -276,6 +357,36 @@ mod tests {
             for target in 0..=tree.total() {
                 assert_eq!(tree.find(target), find_linear(&weights, target));
             }
+        }
+    }
+
+    #[test]
+    fn large_tree_matches_prefix_sums() {
+        // Deep `upper` part, a partly padded last block, weights with zeros.
+        let mut weights: Vec<u64> = (0..100_003u64).map(|i| (i * 2_654_435_761) % 97).collect();
+        let mut tree = Fenwick::from_weights(&weights);
+        for round in 0..3u64 {
+            let mut prefix = vec![0u64];
+            for &w in &weights {
+                prefix.push(prefix.last().unwrap() + w);
+            }
+            let total = *prefix.last().unwrap();
+            assert_eq!(tree.total(), total);
+            for k in 0..20_000u64 {
+                let target = (k * 7_919 * 104_729 + round) % total;
+                // Largest i with prefix[i] <= target.
+                let expected = prefix.partition_point(|&p| p <= target) - 1;
+                assert_eq!(tree.find(target), expected, "target {target}");
+            }
+            for k in 0..1_000usize {
+                let index = (k * 7_727 + round as usize) % weights.len();
+                let weight = (k as u64 * 31) % 50;
+                tree.set(index, weight);
+                weights[index] = weight;
+            }
+        }
+        for (i, &w) in weights.iter().enumerate().step_by(997) {
+            assert_eq!(tree.weight(i), w);
         }
     }
 

@@ -21,12 +21,18 @@ pub struct ParsedRequest {
 }
 
 /// Validates the `message_id` property (checked before anything else, even for repeats).
+/// A `message_id` that was not valid UTF-8 reaches us decoded lossily (see the patched
+/// amq-protocol-types in vendor/): it contains U+FFFD and is rejected, since distinct ids could
+/// decode to the same string and be taken for repeats.
 pub fn check_message_id(message_id: Option<&str>) -> Result<(), String> {
     match message_id {
         Some(m) if m.len() > MESSAGE_ID_BYTES_MAX => Err(format!(
             "message_id is {} bytes, at most {MESSAGE_ID_BYTES_MAX} allowed",
             m.len()
         )),
+        Some(m) if m.contains('\u{FFFD}') => {
+            Err("message_id is not valid UTF-8 (or contains U+FFFD)".into())
+        }
         _ => Ok(()),
     }
 }
@@ -206,6 +212,11 @@ mod tests {
         );
         assert!(check_message_id(Some(&"m".repeat(256))).is_err());
         assert!(check_message_id(Some(&"m".repeat(255))).is_ok());
+        assert!(
+            check_message_id(Some("m-\u{FFFD}"))
+                .unwrap_err()
+                .contains("UTF-8")
+        );
     }
 
     #[test]

@@ -101,23 +101,35 @@ async fn publish_batch(
     }
     let timeout = Duration::from_millis(session.cfg.operation_timeout_ms);
     async move {
-        let mut out = Vec::with_capacity(pending.len());
-        for (tag, confirms) in pending {
-            let mut result = Ok(true);
-            for confirm in confirms {
-                match tokio::time::timeout(timeout, confirm).await {
-                    Err(_) => result = Err("publisher confirm timed out".to_string()),
-                    Ok(Err(e)) => result = Err(format!("publisher confirm: {e}")),
-                    Ok(Ok(c)) if c.is_nack() => {
-                        if result.is_ok() {
-                            result = Ok(false);
+        // All of the batch's confirms under one deadline, abandoned at once if the session
+        // fails: batches settle in order, so a dead session's batch must never hold up the
+        // batches of the next one.
+        let all =
+            futures::future::join_all(pending.into_iter().map(|(tag, confirms)| async move {
+                let mut result = Ok(true);
+                for confirmation in futures::future::join_all(confirms).await {
+                    match confirmation {
+                        Err(e) => result = Err(format!("publisher confirm: {e}")),
+                        Ok(c) if c.is_nack() => {
+                            if result.is_ok() {
+                                result = Ok(false);
+                            }
                         }
+                        Ok(_) => {}
                     }
-                    Ok(Ok(_)) => {}
                 }
-            }
-            out.push((tag, result));
-        }
+                (tag, result)
+            }));
+        let out = tokio::select! {
+            out = tokio::time::timeout(timeout, all) => match out {
+                Ok(out) => out,
+                Err(_) => {
+                    session.fail("publisher confirms timed out".into());
+                    Vec::new()
+                }
+            },
+            _ = session.broken() => Vec::new(),
+        };
         (session, out)
     }
 }

@@ -30,6 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// A session that lasted this long counts as healthy: its failure restarts the backoff.
+const SESSION_HEALTHY: Duration = Duration::from_secs(30);
+
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -113,7 +116,7 @@ pub async fn run_until(
         let (link, consumer) = match open_session(&cfg, epoch).await {
             Ok(v) => v,
             Err(e) if e.is_permanent() => {
-                tracing::error!(error = %e, "cannot use the broker's queues");
+                tracing::error!(error = %e, "cannot use the broker's queues or exchange");
                 drop(admission);
                 engine.close();
                 let _ = settler.await;
@@ -130,7 +133,7 @@ pub async fn run_until(
                 continue;
             }
         };
-        backoff = backoff_min;
+        let session_started = std::time::Instant::now();
         let session = Arc::new(Session::new(
             epoch,
             link.consume.clone(),
@@ -160,7 +163,12 @@ pub async fn run_until(
                 break;
             }
             IngestEnd::Failed(reason) => {
-                tracing::warn!(%reason, epoch, "broker session lost; reconnecting");
+                // A session that dies young keeps the backoff growing (no tight reconnect loop
+                // when something fails right after connecting); one that lived resets it.
+                if session_started.elapsed() >= SESSION_HEALTHY {
+                    backoff = backoff_min;
+                }
+                tracing::warn!(%reason, epoch, retry_in_ms = backoff.as_millis() as u64, "broker session lost; reconnecting");
                 session.fail(reason);
                 let _ = current_tx.send(None);
                 close_link(&link, &cfg).await;
