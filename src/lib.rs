@@ -18,10 +18,13 @@
 //! - [`lock`]: one process per data directory.
 //! - [`inspect`]: `inspect` and `wal dump`.
 //! - [`failpoint`]: SIGKILL at named points, for crash tests.
+//!
+//! Tools: [`bench`]: `rewardpool bench`, worker throughput and latency next to the broker's ceiling.
 
 pub mod acks;
 pub mod admission;
 pub mod amqp;
+pub mod bench;
 pub mod config;
 pub mod dedupe;
 pub mod drill;

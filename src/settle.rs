@@ -13,14 +13,16 @@
 use crate::engine::Committed;
 use crate::message::result_body;
 use crate::session::{Session, Ticket, result_properties};
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// Batches whose confirms may be outstanding at once.
+/// Publish groups whose confirms may be outstanding at once (prefetch bounds the requests).
 const BATCHES_IN_FLIGHT_MAX: usize = 256;
+/// Completions gathered into one publish group.
+const GROUP_COMPLETIONS_MAX: usize = 4096;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SettleStats {
@@ -43,7 +45,15 @@ pub async fn run(
             batch = committed.recv(), if open && in_flight.len() < BATCHES_IN_FLIGHT_MAX => {
                 match batch {
                     None => open = false,
-                    Some(batch) => {
+                    Some(mut batch) => {
+                        // Take every batch already waiting, up to a bound: one publish group,
+                        // one confirm future, fewer and larger acks.
+                        while batch.completions.len() < GROUP_COMPLETIONS_MAX {
+                            match committed.try_recv() {
+                                Ok(more) => batch.completions.extend(more.completions),
+                                Err(_) => break,
+                            }
+                        }
                         let session = current.borrow().clone();
                         match session {
                             Some(session) if !session.is_broken() => {
@@ -55,7 +65,16 @@ pub async fn run(
                 }
             }
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                let (session, tags): Settled = done;
+                let (session, mut tags): Settled = done;
+                // Settle every group whose confirms are already in with one ack.
+                while let Some(Some((next_session, more))) = in_flight.next().now_or_never() {
+                    if Arc::ptr_eq(&next_session, &session) {
+                        tags.extend(more);
+                    } else {
+                        settle(&session, std::mem::take(&mut tags), &mut stats).await;
+                        settle(&next_session, more, &mut stats).await;
+                    }
+                }
                 settle(&session, tags, &mut stats).await;
             }
         }
