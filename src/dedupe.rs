@@ -57,10 +57,12 @@ pub type KeyMap<V> = HashMap<MessageKey, V, BuildHasherDefault<KeyHasher>>;
 pub struct Window<V> {
     capacity: usize,
     map: KeyMap<V>,
-    order: VecDeque<MessageKey>,
+    /// Insertion order, with a copy of each value so iterating needs no hash lookups (a
+    /// snapshot copies the window while the engine waits).
+    order: VecDeque<(MessageKey, V)>,
 }
 
-impl<V> Window<V> {
+impl<V: Clone> Window<V> {
     pub fn new(capacity: usize) -> Self {
         assert!(capacity > 0);
         Window {
@@ -98,13 +100,13 @@ impl<V> Window<V> {
     pub fn insert(&mut self, key: MessageKey, value: V) -> Option<(MessageKey, V)> {
         let mut evicted = None;
         if self.order.len() == self.capacity {
-            let old = self.order.pop_front().expect("window is full");
+            let (old, _) = self.order.pop_front().expect("window is full");
             let v = self.map.remove(&old).expect("window map and order agree");
             evicted = Some((old, v));
         }
-        let previous = self.map.insert(key, value);
+        let previous = self.map.insert(key, value.clone());
         assert!(previous.is_none(), "key inserted twice into the window");
-        self.order.push_back(key);
+        self.order.push_back((key, value));
         debug_assert_eq!(self.map.len(), self.order.len());
         evicted
     }
@@ -115,12 +117,12 @@ impl<V> Window<V> {
         match self.map.entry(key) {
             std::collections::hash_map::Entry::Occupied(_) => return false,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(value);
+                v.insert(value.clone());
             }
         }
-        self.order.push_back(key);
+        self.order.push_back((key, value));
         if self.order.len() > self.capacity {
-            let old = self.order.pop_front().expect("window is over capacity");
+            let (old, _) = self.order.pop_front().expect("window is over capacity");
             self.map.remove(&old).expect("window map and order agree");
         }
         debug_assert_eq!(self.map.len(), self.order.len());
@@ -129,7 +131,7 @@ impl<V> Window<V> {
 
     /// Entries oldest first.
     pub fn iter(&self) -> impl Iterator<Item = (MessageKey, &V)> {
-        self.order.iter().map(|k| (*k, &self.map[k]))
+        self.order.iter().map(|(k, v)| (*k, v))
     }
 }
 

@@ -42,7 +42,10 @@ pub struct Image {
 struct PoolImage {
     id: Arc<str>,
     mode: Mode,
-    items: Vec<Item>,
+    names: Arc<[Arc<str>]>,
+    statics: Arc<[(Option<u64>, Option<u64>)]>,
+    /// (quantity, issued): the only per-item values a draw changes.
+    counts: Vec<(Option<u64>, u64)>,
 }
 
 impl Image {
@@ -57,7 +60,14 @@ impl Image {
                 .map(|slot| PoolImage {
                     id: slot.id.clone(),
                     mode: slot.pool.mode(),
-                    items: slot.pool.items().to_vec(),
+                    names: slot.names.clone(),
+                    statics: slot.statics.clone(),
+                    counts: slot
+                        .pool
+                        .items()
+                        .iter()
+                        .map(|i| (i.quantity, i.issued))
+                        .collect(),
                 })
                 .collect(),
             window: state.window.iter().map(|(k, v)| (k, v.clone())).collect(),
@@ -87,7 +97,17 @@ struct BodyOut<'a> {
 struct PoolOut<'a> {
     id: &'a str,
     mode: Mode,
-    items: &'a [Item],
+    items: Vec<ItemOut<'a>>,
+}
+
+/// Serialises exactly as `pool::Item` deserialises.
+#[derive(Serialize)]
+struct ItemOut<'a> {
+    id: &'a str,
+    quantity: Option<u64>,
+    weight: Option<u64>,
+    initial: Option<u64>,
+    issued: u64,
 }
 
 #[derive(Serialize)]
@@ -169,7 +189,19 @@ pub fn encode(image: &Image) -> Vec<u8> {
             .map(|p| PoolOut {
                 id: &p.id,
                 mode: p.mode,
-                items: &p.items,
+                items: p
+                    .names
+                    .iter()
+                    .zip(p.statics.iter())
+                    .zip(p.counts.iter())
+                    .map(|((name, (weight, initial)), (quantity, issued))| ItemOut {
+                        id: name,
+                        quantity: *quantity,
+                        weight: *weight,
+                        initial: *initial,
+                        issued: *issued,
+                    })
+                    .collect(),
             })
             .collect(),
         window: image

@@ -39,13 +39,21 @@ pub struct PoolSlot {
     pub pool: Pool,
     pub id: Arc<str>,
     pub names: Arc<[Arc<str>]>,
+    /// What never changes after seeding, shared with snapshot images: (weight, initial).
+    pub statics: Arc<[(Option<u64>, Option<u64>)]>,
 }
 
 impl PoolSlot {
     fn new(pool: Pool) -> PoolSlot {
         let id: Arc<str> = Arc::from(pool.id());
         let names: Arc<[Arc<str>]> = pool.items().iter().map(|i| Arc::from(&*i.id)).collect();
-        PoolSlot { pool, id, names }
+        let statics = pool.items().iter().map(|i| (i.weight, i.initial)).collect();
+        PoolSlot {
+            pool,
+            id,
+            names,
+            statics,
+        }
     }
 }
 
