@@ -75,55 +75,50 @@ impl<T> Admission<T> {
     /// outran the ID reservation.
     pub async fn assign(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
         let key = message_id.map(message_key);
-        if let Some(first) = key.and_then(|k| self.window.get(&k)) {
-            return Ok(Assigned {
-                request_id: *first,
-                repeat: true,
-                key,
-            });
+        if let Some(repeat) = self.repeat_of(key) {
+            return Ok(repeat);
         }
         let engine = self.engine.clone();
-        let request_id = self
-            .ids
-            .next(move || wake(&engine))
-            .await
-            .ok_or(EngineGone)?;
-        self.remember(key, request_id);
-        Ok(Assigned {
-            request_id,
-            repeat: false,
-            key,
-        })
+        let request_id = self.ids.next(move || wake(&engine)).await;
+        self.new_request(key, request_id)
     }
 
     /// Blocking `assign`, for threads outside the runtime (drills, benchmarks).
     pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
         let key = message_id.map(message_key);
-        if let Some(first) = key.and_then(|k| self.window.get(&k)) {
-            return Ok(Assigned {
-                request_id: *first,
-                repeat: true,
-                key,
-            });
+        if let Some(repeat) = self.repeat_of(key) {
+            return Ok(repeat);
         }
         let engine = self.engine.clone();
-        let request_id = self
-            .ids
-            .next_blocking(move || wake(&engine))
-            .ok_or(EngineGone)?;
-        self.remember(key, request_id);
+        let request_id = self.ids.next_blocking(move || wake(&engine));
+        self.new_request(key, request_id)
+    }
+
+    fn repeat_of(&self, key: Option<MessageKey>) -> Option<Assigned> {
+        let first = key.and_then(|k| self.window.get(&k))?;
+        Some(Assigned {
+            request_id: *first,
+            repeat: true,
+            key,
+        })
+    }
+
+    /// Remembers a new request's ID (`None`: the engine is gone, no ID will come).
+    fn new_request(
+        &mut self,
+        key: Option<MessageKey>,
+        request_id: Option<u64>,
+    ) -> Result<Assigned, EngineGone> {
+        let request_id = request_id.ok_or(EngineGone)?;
+        if let Some(key) = key {
+            let inserted = self.window.try_insert(key, request_id);
+            assert!(inserted, "a known message_id was given a new ID");
+        }
         Ok(Assigned {
             request_id,
             repeat: false,
             key,
         })
-    }
-
-    fn remember(&mut self, key: Option<MessageKey>, request_id: u64) {
-        if let Some(key) = key {
-            let inserted = self.window.try_insert(key, request_id);
-            assert!(inserted, "a known message_id was given a new ID");
-        }
     }
 
     fn command(

@@ -155,24 +155,7 @@ pub fn file_name(seq: u64) -> String {
 
 /// Snapshots in the directory, newest first.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(seq) = name
-            .strip_prefix("snapshot-")
-            .and_then(|s| s.strip_suffix(".json"))
-            .and_then(|s| s.parse::<u64>().ok())
-        {
-            out.push((seq, entry.path()));
-        }
-    }
+    let mut out = wal::numbered_files(dir, "snapshot-", ".json")?;
     out.sort_by_key(|s| std::cmp::Reverse(s.0));
     Ok(out)
 }

@@ -218,8 +218,9 @@ pub fn segment_file_name(first_seq: u64) -> String {
     format!("wal-{first_seq:020}.log")
 }
 
-/// Segments in the directory, oldest first. A missing directory has none.
-pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
+/// Files named `<prefix><number><suffix>` in `dir`, with their number, in no particular
+/// order. A missing directory has none.
+pub fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
@@ -231,16 +232,22 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if let Some(seq) = name
-            .strip_prefix("wal-")
-            .and_then(|s| s.strip_suffix(".log"))
+            .strip_prefix(prefix)
+            .and_then(|s| s.strip_suffix(suffix))
             .and_then(|s| s.parse::<u64>().ok())
         {
-            out.push(SegmentInfo {
-                path: entry.path(),
-                first_seq: seq,
-            });
+            out.push((seq, entry.path()));
         }
     }
+    Ok(out)
+}
+
+/// Segments in the directory, oldest first. A missing directory has none.
+pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
+    let mut out: Vec<SegmentInfo> = numbered_files(dir, "wal-", ".log")?
+        .into_iter()
+        .map(|(first_seq, path)| SegmentInfo { path, first_seq })
+        .collect();
     out.sort_by_key(|s| s.first_seq);
     Ok(out)
 }
