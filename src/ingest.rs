@@ -64,12 +64,14 @@ pub async fn run(
     admission: &mut Admission<Ticket>,
     pools: &Pools,
     mut shutdown: watch::Receiver<bool>,
+    mut engine_stopped: watch::Receiver<bool>,
 ) -> IngestEnd {
     let mut confirms: FuturesUnordered<PublisherConfirm> = FuturesUnordered::new();
     let end = loop {
         tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break IngestEnd::Shutdown,
+            _ = engine_stopped.wait_for(|stopped| *stopped) => break IngestEnd::EngineGone,
             reason = session.broken() => break IngestEnd::Failed(reason),
             Some(result) = confirms.next(), if !confirms.is_empty() => {
                 if let Err(e) = result {

@@ -99,7 +99,14 @@ pub async fn run_until(
         Engine::<Ticket>::start(state, recovered.segment, engine_options(&config, false));
     let mut admission = Admission::new(window, engine.ids(), engine.sender());
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Session>>>(None);
-    let settler = tokio::spawn(settle::run(committed, current_rx));
+    // The committed stream ends only when the engine's writer stops: before shutdown that is a
+    // fatal storage error, and the worker must stop too, idle or not.
+    let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
+    let settler = tokio::spawn(async move {
+        let stats = settle::run(committed, current_rx).await;
+        let _ = engine_stopped_tx.send(true);
+        stats
+    });
 
     let backoff_min = Duration::from_millis(cfg.reconnect_backoff_min_ms);
     let backoff_max = Duration::from_millis(cfg.reconnect_backoff_max_ms);
@@ -110,6 +117,10 @@ pub async fn run_until(
     tracing::info!(url = %cfg.url_redacted(), queue = %cfg.request_queue, "connecting to the broker");
     loop {
         if *stop.borrow() {
+            break;
+        }
+        if *engine_stopped.borrow() {
+            engine_failed = true;
             break;
         }
         epoch += 1;
@@ -128,6 +139,7 @@ pub async fn run_until(
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => {}
+                    _ = engine_stopped.wait_for(|s| *s) => {}
                 }
                 backoff = (backoff * 2).min(backoff_max);
                 continue;
@@ -148,6 +160,7 @@ pub async fn run_until(
             &mut admission,
             &pools,
             stop.clone(),
+            engine_stopped.clone(),
         )
         .await
         {
@@ -175,6 +188,7 @@ pub async fn run_until(
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => {}
+                    _ = engine_stopped.wait_for(|s| *s) => {}
                 }
                 backoff = (backoff * 2).min(backoff_max);
             }

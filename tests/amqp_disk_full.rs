@@ -1,0 +1,118 @@
+//! The disk fills while the worker runs (classic queues): the WAL write fails, the engine
+//! stops at once (a storage error is fatal, never retried), the worker exits non-zero without
+//! acking anything that is not on disk; with space back, a restart finishes every request, and
+//! no request has two different outcomes. The data directory is a real small tmpfs (root).
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+const FIRST: usize = 300;
+const TOTAL: usize = 3000;
+
+fn mount_tmpfs(dir: &Path, size: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+        .arg(dir)
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "mounting a tmpfs failed: this test needs root (as CI has)"
+    );
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request() {
+    let conn = require_broker().await;
+    let setup = Setup::new(
+        "diskfull",
+        WorkerConfig::new(QueueType::Classic, stream_pools()),
+    );
+    let names = setup.names.clone();
+    mount_tmpfs(&setup.data_dir, "4m");
+    let _unmount = Unmount(&setup.data_dir);
+    let mut worker = setup.start_worker(&[]);
+    worker
+        .wait_ready(&conn, &names.request, Duration::from_secs(60))
+        .await;
+    let results = Collector::start(&names.result).await;
+    let mut p = Producer::new(&conn).await;
+    publish_stream(&mut p, &names.request, None, 0..FIRST).await;
+    results
+        .wait_for("the first results", Duration::from_secs(60), |m| {
+            distinct_count(m) >= FIRST
+        })
+        .await;
+
+    // Leave room for a few batches only, then keep the requests coming.
+    let filler = setup.data_dir.join("filler");
+    let leave = 24 * 1024;
+    let fill = free_bytes(&setup.data_dir).saturating_sub(leave);
+    let _ = std::fs::write(&filler, vec![0u8; fill as usize]);
+    publish_stream(&mut p, &names.request, None, FIRST..TOTAL).await;
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "a failed WAL write must stop the worker with an error"
+    );
+    let log = worker.log();
+    assert!(
+        log.contains("No space left") || log.contains("disk full"),
+        "the error names the cause:\n{log}"
+    );
+    results.barrier(&conn).await;
+    let before = distinct_count(&results.messages());
+    assert!(
+        before < TOTAL,
+        "the disk filled before the stream ended ({before} results)"
+    );
+
+    // Space is back: a restart recovers and finishes every request exactly once.
+    std::fs::remove_file(&filler).unwrap();
+    let mut worker = setup.start_worker(&[]);
+    worker
+        .wait_ready(&conn, &names.request, Duration::from_secs(60))
+        .await;
+    results
+        .wait_for("every result", Duration::from_secs(120), |m| {
+            distinct_count(m) >= TOTAL
+        })
+        .await;
+    worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
+    results.barrier(&conn).await;
+    let outcomes = distinct_results(&results.messages());
+    check_stream_outcomes(&outcomes, TOTAL);
+    setup.check_conservation(outcomes.values());
+    assert_queue_drained(&conn, &names.request).await;
+    drop(results);
+    names.delete(&conn).await;
+}
