@@ -150,6 +150,31 @@ mod tests {
         assert_eq!(w.iter().map(|(k, _)| k).collect::<Vec<_>>(), vec![2, 3, 4]);
     }
 
+    proptest::proptest! {
+        /// The window behaves exactly like "the last `capacity` distinct inserts".
+        #[test]
+        fn matches_a_naive_model(cap in 1usize..8, keys in proptest::collection::vec(0u128..12, 0..200)) {
+            let mut w = Window::new(cap);
+            let mut model: VecDeque<(u128, u64)> = VecDeque::new();
+            for (i, k) in keys.into_iter().enumerate() {
+                let in_model = model.iter().any(|(mk, _)| *mk == k);
+                proptest::prop_assert_eq!(w.try_insert(k, i as u64), !in_model);
+                if !in_model {
+                    model.push_back((k, i as u64));
+                    if model.len() > cap {
+                        model.pop_front();
+                    }
+                }
+                for key in 0u128..12 {
+                    let want = model.iter().find(|(mk, _)| *mk == key).map(|(_, v)| v);
+                    proptest::prop_assert_eq!(w.get(&key), want);
+                }
+                let order: Vec<(u128, u64)> = w.iter().map(|(k, v)| (k, *v)).collect();
+                proptest::prop_assert_eq!(order, model.iter().copied().collect::<Vec<_>>());
+            }
+        }
+    }
+
     #[test]
     fn hex_roundtrip() {
         let k = message_key("m-17");
