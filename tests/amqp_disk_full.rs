@@ -4,50 +4,14 @@
 //! no request has two different outcomes. The data directory is a real small tmpfs (root).
 
 mod common;
+mod tmpfs_support;
 
 use common::*;
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
+use tmpfs_support::Tmpfs;
 
 const FIRST: usize = 300;
 const TOTAL: usize = 3000;
-
-fn mount_tmpfs(dir: &Path, size: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(dir)
-        .status()
-        .expect("run mount");
-    assert!(
-        status.success(),
-        "mounting a tmpfs failed: this test needs root (as CI has)"
-    );
-}
-
-fn free_bytes(dir: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["-B1", "--output=avail"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-struct Unmount<'a>(&'a Path);
-
-impl Drop for Unmount<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0).status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request() {
@@ -57,8 +21,7 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
         WorkerConfig::new(QueueType::Classic, stream_pools()),
     );
     let names = setup.names.clone();
-    mount_tmpfs(&setup.data_dir, "4m");
-    let _unmount = Unmount(&setup.data_dir);
+    let tmpfs = Tmpfs::mount_at(&setup.data_dir, "4m");
     let mut worker = setup.start_worker(&[]);
     worker
         .wait_ready(&conn, &names.request, Duration::from_secs(60))
@@ -73,10 +36,7 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
         .await;
 
     // Leave room for a few batches only, then keep the requests coming.
-    let filler = setup.data_dir.join("filler");
-    let leave = 24 * 1024;
-    let fill = free_bytes(&setup.data_dir).saturating_sub(leave);
-    let _ = std::fs::write(&filler, vec![0u8; fill as usize]);
+    let filler = tmpfs.fill_leaving(24 * 1024);
     publish_stream(&mut p, &names.request, None, FIRST..TOTAL).await;
     let status = worker.wait_exit(Duration::from_secs(60)).await;
     assert_ne!(

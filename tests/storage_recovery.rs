@@ -3,6 +3,7 @@
 //! disk at start and during a run, a second process on the same directory.
 
 mod storage_support;
+mod tmpfs_support;
 
 use rewardpool::recovery::{self, RecoveryError};
 use rewardpool::wal::{self, ScanEnd};
@@ -10,6 +11,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use storage_support::*;
+use tmpfs_support::Tmpfs;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rewardpool"));
@@ -341,57 +343,11 @@ fn a_second_process_on_the_same_data_dir_is_refused() {
     drop(held);
 }
 
-/// A small tmpfs, so the disk really fills. Needs root (CI runs as root).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap().keep();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mounting a tmpfs failed: the disk-full tests need root (as CI has)"
-        );
-        Tmpfs(dir)
-    }
-    fn fill_leaving(&self, bytes_free: u64) {
-        let stat = nix_statvfs(&self.0);
-        let free = stat.saturating_sub(bytes_free);
-        fs::write(self.0.join("filler"), vec![0u8; free as usize]).ok();
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn nix_statvfs(path: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["-B1", "--output=avail"])
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn a_full_disk_at_start_is_a_clear_error() {
     let fs_ = Tmpfs::mount("256k");
-    let data = fs_.0.join("data");
-    let config_path = write_config(&fs_.0, &data, "");
+    let data = fs_.dir.join("data");
+    let config_path = write_config(&fs_.dir, &data, "");
     fs_.fill_leaving(0);
     let out = bin()
         .args(["run", "--config"])
@@ -406,8 +362,8 @@ fn a_full_disk_at_start_is_a_clear_error() {
 #[test]
 fn a_disk_that_fills_mid_run_stops_the_engine_and_loses_nothing() {
     let fs_ = Tmpfs::mount("1m");
-    let data = fs_.0.join("data");
-    let config_path = write_config(&fs_.0, &data, "");
+    let data = fs_.dir.join("data");
+    let config_path = write_config(&fs_.dir, &data, "");
     let config = load_config(&config_path);
     drill_ok(&config_path, 0, 10);
     fs_.fill_leaving(40 * 1024);
@@ -431,7 +387,7 @@ fn a_disk_that_fills_mid_run_stops_the_engine_and_loses_nothing() {
         .filter(|l| l.starts_with("done "))
         .map(|l| l.split(' ').nth(2).unwrap().to_string())
         .collect();
-    fs::remove_file(fs_.0.join("filler")).unwrap();
+    fs::remove_file(fs_.dir.join("filler")).unwrap();
     // Space is back: the next start recovers; everything completed is there.
     drill_ok(&config_path, 20_000, 10);
     let draws = wal_draws(&data);
