@@ -19,7 +19,18 @@
 //! - [`inspect`]: `inspect` and `wal dump`.
 //! - [`failpoint`]: SIGKILL at named points, for crash tests.
 //!
-//! Tools: [`bench`]: `rewardpool bench`, worker throughput and latency next to the broker's ceiling.
+//! Broker edge, in the order data flows:
+//! - [`message`]: request parsing and validation, reply and result bodies (pure).
+//! - [`amqp`]: connecting, declaring the contract's topology, a timeout on every call.
+//! - [`session`]: one connection's channels, publishes, rejects and acks; the request ticket.
+//! - [`ingest`]: deliveries → validated requests with IDs → engine; accepted/rejected replies.
+//! - [`settle`]: durable outcomes → results with confirms → acks.
+//! - [`acks`]: which delivery tags to ack, `multiple` where possible, never twice.
+//! - [`worker`]: `rewardpool run`: recovery, the engine, the reconnect loop, the shutdown path.
+//! - [`shutdown`]: SIGINT/SIGTERM into one watch channel.
+//!
+//! Tools: [`drill`] (the engine alone under synthetic load, for crash tests) and [`bench`]
+//! (`rewardpool bench`: end-to-end throughput and latency next to the broker's ceiling).
 
 pub mod acks;
 pub mod admission;
