@@ -3,7 +3,7 @@
 //! request must end with one consistent result, drawn once.
 //!
 //! These disturb every client of the broker (other tests included), so their names start with
-//! `disruptive_`: scripts/test.sh runs them alone, one at a time.
+//! `disruptive_`: each takes every nextest thread (.config/nextest.toml), so it runs alone.
 
 mod common;
 
