@@ -11,7 +11,7 @@
 //! `REWARDPOOL_BENCH_DIR` says otherwise.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use rewardpool::admission::Admission;
+use rewardpool::admission::{Admission, DrawSpec};
 use rewardpool::config::Config;
 use rewardpool::engine::Engine;
 use rewardpool::pool::{DrawRng, Mode};
@@ -88,7 +88,16 @@ fn durable_run(cfg: &Config, n: u64, first_key: u64) -> (Duration, u64, u64, u64
         let mid = format!("bench-{k}");
         let assigned = admission.assign_blocking(Some(&mid)).unwrap();
         admission
-            .submit_blocking(assigned, Some(mid), 0, "bench-user".into(), 1, ())
+            .submit_blocking(
+                assigned,
+                Some(DrawSpec {
+                    message_id: Some(mid),
+                    pool_index: 0,
+                    user: "bench-user".into(),
+                    count: 1,
+                }),
+                (),
+            )
             .unwrap();
     }
     drop(admission);

@@ -8,7 +8,8 @@
 //! its first, so it completes with the first's outcome, in order, after the first is durable.
 //!
 //! Two steps, so a caller can reply "accepted" between them and the reply always precedes the
-//! result: `assign` (ID, window) then `submit` (to the engine).
+//! result: `repeat_of` / `assign_new` (ID, window) then `submit` (to the engine). Ingest asks
+//! `repeat_of` before it parses the body, since a repeat's body is not looked at.
 
 use crate::dedupe::{MessageKey, Window, message_key};
 use crate::engine::{Command, DrawRequest, RepeatRequest};
@@ -24,6 +25,15 @@ pub struct Assigned {
     pub request_id: u64,
     pub repeat: bool,
     key: Option<MessageKey>,
+}
+
+/// What a new request draws.
+#[derive(Debug, Clone)]
+pub struct DrawSpec {
+    pub message_id: Option<String>,
+    pub pool_index: u32,
+    pub user: String,
+    pub count: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,35 +76,9 @@ impl<T> Admission<T> {
         }
     }
 
-    /// Whether a request with this `message_id` was drawn recently or is in flight.
-    pub fn is_known(&self, message_id: Option<&str>) -> bool {
-        message_id.is_some_and(|m| self.window.contains(&message_key(m)))
-    }
-
-    /// Hands out the request ID (or finds the first request's). Async: waits only if ingest
-    /// outran the ID reservation.
-    pub async fn assign(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
-        let key = message_id.map(message_key);
-        if let Some(repeat) = self.repeat_of(key) {
-            return Ok(repeat);
-        }
-        let engine = self.engine.clone();
-        let request_id = self.ids.next(move || wake(&engine)).await;
-        self.new_request(key, request_id)
-    }
-
-    /// Blocking `assign`, for threads outside the runtime (drills, benchmarks).
-    pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
-        let key = message_id.map(message_key);
-        if let Some(repeat) = self.repeat_of(key) {
-            return Ok(repeat);
-        }
-        let engine = self.engine.clone();
-        let request_id = self.ids.next_blocking(move || wake(&engine));
-        self.new_request(key, request_id)
-    }
-
-    fn repeat_of(&self, key: Option<MessageKey>) -> Option<Assigned> {
+    /// The first request's ID if a request with this key was drawn recently or is in flight:
+    /// the caller must not look at the body then. `key` is `message_key(message_id)`.
+    pub fn repeat_of(&self, key: Option<MessageKey>) -> Option<Assigned> {
         let first = key.and_then(|k| self.window.get(&k))?;
         Some(Assigned {
             request_id: *first,
@@ -103,8 +87,28 @@ impl<T> Admission<T> {
         })
     }
 
+    /// Hands out a new request ID for a key `repeat_of` did not know. Async: waits only if
+    /// ingest outran the ID reservation.
+    pub async fn assign_new(&mut self, key: Option<MessageKey>) -> Result<Assigned, EngineGone> {
+        let engine = self.engine.clone();
+        let request_id = self.ids.next(move || wake(&engine)).await;
+        self.remember(key, request_id)
+    }
+
+    /// `repeat_of`, else `assign_new`, blocking: for threads outside the runtime (drills,
+    /// benchmarks, tests).
+    pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
+        let key = message_id.map(message_key);
+        if let Some(repeat) = self.repeat_of(key) {
+            return Ok(repeat);
+        }
+        let engine = self.engine.clone();
+        let request_id = self.ids.next_blocking(move || wake(&engine));
+        self.remember(key, request_id)
+    }
+
     /// Remembers a new request's ID (`None`: the engine is gone, no ID will come).
-    fn new_request(
+    fn remember(
         &mut self,
         key: Option<MessageKey>,
         request_id: Option<u64>,
@@ -121,58 +125,47 @@ impl<T> Admission<T> {
         })
     }
 
-    fn command(
-        assigned: Assigned,
-        message_id: Option<String>,
-        pool_index: u32,
-        user: String,
-        count: u32,
-        ticket: T,
-    ) -> Command<T> {
+    /// The engine command for an assigned request. A new request needs its `draw`; a repeat
+    /// is completed with the first request's pool, user, count and items, so its own are
+    /// ignored (pass `None`).
+    fn command(assigned: Assigned, draw: Option<DrawSpec>, ticket: T) -> Command<T> {
         if assigned.repeat {
-            Command::Repeat(RepeatRequest {
+            return Command::Repeat(RepeatRequest {
                 request_id: assigned.request_id,
                 key: assigned.key.expect("a repeat has a key"),
                 ticket,
-            })
-        } else {
-            Command::Draw(DrawRequest {
-                request_id: assigned.request_id,
-                message_id,
-                key: assigned.key,
-                pool_index,
-                user,
-                count,
-                ticket,
-            })
+            });
         }
+        let draw = draw.expect("a new request comes with what to draw");
+        Command::Draw(DrawRequest {
+            request_id: assigned.request_id,
+            message_id: draw.message_id,
+            key: assigned.key,
+            pool_index: draw.pool_index,
+            user: draw.user,
+            count: draw.count,
+            ticket,
+        })
     }
 
     /// Sends the assigned request to the engine (waits while the engine's channel is full).
-    /// For a repeat, pool, user and count are ignored: the first request's are used.
     pub async fn submit(
         &mut self,
         assigned: Assigned,
-        message_id: Option<String>,
-        pool_index: u32,
-        user: String,
-        count: u32,
+        draw: Option<DrawSpec>,
         ticket: T,
     ) -> Result<(), EngineGone> {
-        let cmd = Self::command(assigned, message_id, pool_index, user, count, ticket);
-        self.engine.send(cmd).await.map_err(|_| EngineGone)
+        let command = Self::command(assigned, draw, ticket);
+        self.engine.send(command).await.map_err(|_| EngineGone)
     }
 
     pub fn submit_blocking(
         &mut self,
         assigned: Assigned,
-        message_id: Option<String>,
-        pool_index: u32,
-        user: String,
-        count: u32,
+        draw: Option<DrawSpec>,
         ticket: T,
     ) -> Result<(), EngineGone> {
-        let cmd = Self::command(assigned, message_id, pool_index, user, count, ticket);
-        self.engine.blocking_send(cmd).map_err(|_| EngineGone)
+        let command = Self::command(assigned, draw, ticket);
+        self.engine.blocking_send(command).map_err(|_| EngineGone)
     }
 }

@@ -11,7 +11,7 @@
 //! A test kills it (SIGKILL, or a failpoint) at any moment and checks, after a restart, that
 //! every `done` line is in the durable state and no ID or `message_id` was used twice.
 
-use crate::admission::Admission;
+use crate::admission::{Admission, DrawSpec};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::recovery;
@@ -50,8 +50,9 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
                 .expect("recovery seeds every config pool")
         })
         .collect();
-    let window = Admission::<()>::window_of(&recovered.state);
-    let (mut engine, mut committed) = Engine::<()>::start(
+    // The ticket each request carries through the engine is its message_id.
+    let window = Admission::<String>::window_of(&recovered.state);
+    let (mut engine, mut committed) = Engine::<String>::start(
         recovered.state,
         recovered.segment,
         engine_options(config, options.keep_all_wal),
@@ -70,8 +71,7 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
                         out,
                         "done {} {} {} {}",
                         c.outcome.request_id,
-                        // The drill's message_id is derived from the user: u<k> ↔ m-<k>.
-                        c.outcome.user.replacen('u', "m-", 1),
+                        c.ticket,
                         if c.repeat { "repeat" } else { "new" },
                         if items.is_empty() {
                             "-".to_string()
@@ -98,16 +98,14 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
                 if assigned.repeat { "repeat" } else { "new" }
             );
         }
-        let pool = pool_indexes[(k % pool_indexes.len() as u64) as usize];
+        let draw = DrawSpec {
+            message_id: Some(message_id.clone()),
+            pool_index: pool_indexes[(k % pool_indexes.len() as u64) as usize],
+            user: format!("u{k}"),
+            count: 1 + (k % 3) as u32,
+        };
         if admission
-            .submit_blocking(
-                assigned,
-                Some(message_id),
-                pool,
-                format!("u{k}"),
-                1 + (k % 3) as u32,
-                (),
-            )
+            .submit_blocking(assigned, Some(draw), message_id)
             .is_err()
         {
             break;

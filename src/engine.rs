@@ -97,8 +97,6 @@ pub struct EngineStats {
     pub fsync_us_total: AtomicU64,
     pub fsync_us_max: AtomicU64,
     pub snapshots: AtomicU64,
-    pub snapshot_capture_us_max: AtomicU64,
-    pub snapshot_write_us_last: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,7 +126,6 @@ pub struct Engine<T> {
     stats: Arc<EngineStats>,
     fatal: Fatal,
     threads: Vec<JoinHandle<()>>,
-    pool_ids: Vec<String>,
 }
 
 impl<T: Send + 'static> Engine<T> {
@@ -147,7 +144,6 @@ impl<T: Send + 'static> Engine<T> {
         let stats = Arc::new(EngineStats::default());
         let fatal: Fatal = Arc::new(Mutex::new(None));
         let snap_busy = Arc::new(AtomicBool::new(false));
-        let pool_ids = state.pools.iter().map(|p| p.id.to_string()).collect();
 
         let mut threads = Vec::new();
         {
@@ -203,7 +199,6 @@ impl<T: Send + 'static> Engine<T> {
                 stats,
                 fatal,
                 threads,
-                pool_ids,
             },
             out_rx,
         )
@@ -219,10 +214,6 @@ impl<T> Engine<T> {
     }
     pub fn stats(&self) -> Arc<EngineStats> {
         self.stats.clone()
-    }
-    /// Pool ids by index, as the engine knows them.
-    pub fn pool_ids(&self) -> &[String] {
-        &self.pool_ids
     }
     /// The fatal error, if the engine stopped on one.
     pub fn fatal(&self) -> Option<String> {
@@ -370,9 +361,11 @@ fn engine_loop<T>(
         {
             let started = Instant::now();
             image = Some(Image::capture(&state));
-            stats
-                .snapshot_capture_us_max
-                .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            tracing::debug!(
+                seq = state.seq,
+                stall_us = started.elapsed().as_micros() as u64,
+                "snapshot state copied"
+            );
             since_snapshot = 0;
         }
         let job = Job::Batch {
@@ -502,11 +495,12 @@ fn snapshot_loop(
         failpoint("snapshot.before_prune");
         snapshot::prune(&options.data_dir, options.wal_keep_all)
             .map_err(|e| format!("prune after snapshot {}: {e}", image.seq))?;
-        stats
-            .snapshot_write_us_last
-            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.snapshots.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(seq = image.seq, "snapshot written");
+        tracing::info!(
+            seq = image.seq,
+            write_ms = started.elapsed().as_millis() as u64,
+            "snapshot written"
+        );
         busy.store(false, Ordering::Release);
     }
     Ok(())

@@ -98,11 +98,6 @@ impl IdAllocator {
         self.durable_limit.fetch_max(up_to, Ordering::AcqRel);
         self.notify.notify_waiters();
     }
-
-    /// Highest ID handed out so far (0 if none in this process).
-    pub fn last_handed_out(&self) -> u64 {
-        self.next.load(Ordering::Acquire) - 1
-    }
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@
 //! Reply confirms are awaited here in a bounded set (lapin keeps dropped confirms until
 //! `wait_for_confirms`, so they must not be dropped).
 
-use crate::admission::{Admission, EngineGone};
+use crate::admission::{Admission, Assigned, DrawSpec, EngineGone};
 use crate::amqp::{AmqpError, timed};
+use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
 use crate::session::{Session, Ticket, reply_properties};
 use futures::StreamExt;
@@ -141,19 +142,18 @@ async fn handle(
     let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
     let correlation_id = props.correlation_id().clone();
 
-    let parsed =
-        message::check_message_id(message_id.as_ref().map(|m| m.as_str())).and_then(|()| {
-            if admission.is_known(message_id.as_ref().map(|m| m.as_str())) {
-                Ok(None)
-            } else {
-                message::parse_request(&delivery.data, &pools.default_pool, |p| {
-                    pools.index.contains_key(p)
-                })
-                .map(Some)
-            }
-        });
-    let parsed = match parsed {
-        Ok(p) => p,
+    // A repeat is known by its message_id before anything else; its body is not looked at.
+    let mid = message_id.as_ref().map(|m| m.as_str());
+    let key = mid.map(message_key);
+    let checked = message::check_message_id(mid).and_then(|()| match admission.repeat_of(key) {
+        Some(repeat) => Ok(Admit::Repeat(repeat)),
+        None => message::parse_request(&delivery.data, &pools.default_pool, |p| {
+            pools.index.contains_key(p)
+        })
+        .map(Admit::New),
+    });
+    let admit = match checked {
+        Ok(admit) => admit,
         Err(reason) => {
             tracing::info!(delivery_tag = tag, %reason, "request rejected to the dead-letter queue");
             if let Some(reply_to) = &reply_to {
@@ -171,10 +171,18 @@ async fn handle(
         }
     };
 
-    let assigned = admission
-        .assign(message_id.as_ref().map(|m| m.as_str()))
-        .await?;
-    debug_assert_eq!(assigned.repeat, parsed.is_none());
+    let (assigned, draw) = match admit {
+        Admit::Repeat(repeat) => (repeat, None),
+        Admit::New(request) => (
+            admission.assign_new(key).await?,
+            Some(DrawSpec {
+                message_id: mid.map(str::to_string),
+                pool_index: pools.index[&request.pool],
+                user: request.user,
+                count: request.count,
+            }),
+        ),
+    };
     if let Some(reply_to) = &reply_to {
         let confirm = session
             .publish(
@@ -194,23 +202,16 @@ async fn handle(
     let ticket = Ticket {
         epoch: session.epoch,
         delivery_tag: tag,
-        message_id: message_id.clone(),
+        message_id,
         reply_to,
         correlation_id,
     };
-    let (pool_index, user, count) = match parsed {
-        Some(p) => (pools.index[&p.pool], p.user, p.count),
-        None => (0, String::new(), 0),
-    };
-    admission
-        .submit(
-            assigned,
-            message_id.map(|m| m.to_string()),
-            pool_index,
-            user,
-            count,
-            ticket,
-        )
-        .await?;
+    admission.submit(assigned, draw, ticket).await?;
     Ok(())
+}
+
+/// What ingest decided for a valid delivery.
+enum Admit {
+    Repeat(Assigned),
+    New(message::ParsedRequest),
 }

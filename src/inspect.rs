@@ -36,11 +36,7 @@ pub struct InspectItem {
 /// order; pools and items that only the durable state knows follow in state order.
 pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, RecoveryError> {
     let (mut state, _) = recovery::load(data_dir, config.storage.dedupe_window)?;
-    recovery::seed_in_memory(&mut state, config).map_err(|reason| RecoveryError::BadRecord {
-        file: "config".into(),
-        offset: 0,
-        reason,
-    })?;
+    recovery::seed_in_memory(&mut state, config)?;
     let mut order: Vec<u32> = config
         .pools
         .iter()

@@ -7,11 +7,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+/// Held for the life of the process; dropping it releases the lock.
 pub struct DirLock {
     _file: File,
-    path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +65,6 @@ impl DirLock {
         file.set_len(0).map_err(io_err)?;
         file.rewind().map_err(io_err)?;
         write!(file, "{}", std::process::id()).map_err(io_err)?;
-        Ok(DirLock { _file: file, path })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(DirLock { _file: file })
     }
 }

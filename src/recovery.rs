@@ -15,7 +15,7 @@
 use crate::config::{Config, PoolConfig};
 use crate::failpoint::failpoint;
 use crate::lock::{DirLock, LockError};
-use crate::record::SeedItem;
+use crate::record::{Record, SeedItem};
 use crate::snapshot::{self, Image};
 use crate::state::State;
 use crate::wal::{self, BatchBuilder, ScanEnd, SegmentWriter, sync_dir};
@@ -53,6 +53,8 @@ pub enum RecoveryError {
         "WAL gap: batch {expected} is missing ({detail}); refusing to start, data would be lost"
     )]
     Gap { expected: u64, detail: String },
+    #[error("pool {pool:?} of the config cannot be seeded: {reason}")]
+    Seed { pool: String, reason: String },
     #[error("{0}")]
     Lock(#[from] LockError),
 }
@@ -191,14 +193,21 @@ pub fn seed_items(pool: &PoolConfig) -> Vec<SeedItem> {
 }
 
 /// Seeds, in memory only, the config's pools that the state does not have (for `inspect`).
-pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<(), String> {
+/// Seeds, in memory, the config's pools that the state does not have, and returns their
+/// `Seed` records (`recover` makes them durable; `inspect` only shows the result).
+pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<Vec<Record>, RecoveryError> {
+    let mut seeds = Vec::new();
     for pool in &config.pools {
         if state.pool_index(&pool.id).is_none() {
             let record = state.seed_record(&pool.id, pool.mode, &seed_items(pool));
-            state.apply(&record).map_err(|e| e.to_string())?;
+            state.apply(&record).map_err(|e| RecoveryError::Seed {
+                pool: pool.id.clone(),
+                reason: e.to_string(),
+            })?;
+            seeds.push(record);
         }
     }
-    Ok(())
+    Ok(seeds)
 }
 
 /// Differences between the config and a pool that already has durable state.
@@ -298,25 +307,19 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
         "state recovered"
     );
 
-    // Seed new pools durably before anything can draw from them.
-    let mut seeds = Vec::new();
     for pool in &config.pools {
-        if state.pool_index(&pool.id).is_some() {
-            let diffs = config_differences(&state, pool);
-            if !diffs.is_empty() {
-                tracing::warn!(pool = %pool.id, differences = %diffs.join("; "),
-                    "config differs from the pool's durable state; the durable state is kept");
-            }
-            continue;
+        let diffs = config_differences(&state, pool);
+        if !diffs.is_empty() {
+            tracing::warn!(pool = %pool.id, differences = %diffs.join("; "),
+                "config differs from the pool's durable state; the durable state is kept");
         }
-        let record = state.seed_record(&pool.id, pool.mode, &seed_items(pool));
-        state.apply(&record).map_err(|e| RecoveryError::BadRecord {
-            file: "config".into(),
-            offset: 0,
-            reason: e.to_string(),
-        })?;
-        tracing::info!(pool = %pool.id, "pool seeded from the config");
-        seeds.push(record);
+    }
+    // Seed new pools durably before anything can draw from them.
+    let seeds = seed_in_memory(&mut state, config)?;
+    for seed in &seeds {
+        if let Record::Seed { pool_id, .. } = seed {
+            tracing::info!(pool = %pool_id, "pool seeded from the config");
+        }
     }
     if !seeds.is_empty() {
         let seq = state.seq + 1;

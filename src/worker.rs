@@ -42,17 +42,21 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     runtime.block_on(run_async(config))
 }
 
-async fn open_session(cfg: &AmqpConfig, epoch: u64) -> Result<(Link, Consumer), AmqpError> {
+/// Connects, declares and starts consuming: one session, or the error that prevented it.
+async fn open_session(
+    cfg: &Arc<AmqpConfig>,
+    epoch: u64,
+) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
     amqp::declare(&link, cfg).await?;
-    let session_probe = Session::new(
+    let session = Arc::new(Session::new(
         epoch,
         link.consume.clone(),
         link.publish.clone(),
-        Arc::new(cfg.clone()),
-    );
-    let consumer = ingest::start_consumer(&session_probe, &cfg.request_queue).await?;
-    Ok((link, consumer))
+        cfg.clone(),
+    ));
+    let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
+    Ok((link, session, consumer))
 }
 
 async fn close_link(link: &Link, cfg: &AmqpConfig) {
@@ -124,7 +128,7 @@ pub async fn run_until(
             break;
         }
         epoch += 1;
-        let (link, consumer) = match open_session(&cfg, epoch).await {
+        let (link, session, consumer) = match open_session(&cfg, epoch).await {
             Ok(v) => v,
             Err(e) if e.is_permanent() => {
                 tracing::error!(error = %e, "cannot use the broker's queues or exchange");
@@ -146,12 +150,6 @@ pub async fn run_until(
             }
         };
         let session_started = std::time::Instant::now();
-        let session = Arc::new(Session::new(
-            epoch,
-            link.consume.clone(),
-            link.publish.clone(),
-            cfg.clone(),
-        ));
         let _ = current_tx.send(Some(session.clone()));
         tracing::info!(epoch, "connected; consuming");
         match ingest::run(

@@ -8,7 +8,7 @@
 mod storage_support;
 
 use proptest::prelude::*;
-use rewardpool::admission::Admission;
+use rewardpool::admission::{Admission, DrawSpec};
 use rewardpool::engine::Engine;
 use rewardpool::wal;
 use std::collections::{BTreeMap, HashMap};
@@ -68,10 +68,12 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
             admission
                 .submit_blocking(
                     assigned,
-                    mid.clone(),
-                    *pool,
-                    mid.unwrap_or_default(),
-                    *count,
+                    Some(DrawSpec {
+                        message_id: mid.clone(),
+                        pool_index: *pool,
+                        user: mid.unwrap_or_default(),
+                        count: *count,
+                    }),
                     (),
                 )
                 .unwrap();
