@@ -63,10 +63,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     let names = setup.names.clone();
     let mut draws: BTreeMap<u64, String> = BTreeMap::new();
 
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
     let mut producer = Producer::new(&conn).await;
@@ -167,10 +164,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     }
 
     // Then let it finish.
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every request's result", Duration::from_secs(300), |m| {
             distinct_count(m) >= M

@@ -22,10 +22,7 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
     );
     let names = setup.names.clone();
     let tmpfs = Tmpfs::mount_at(&setup.data_dir, "4m");
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     let mut p = Producer::new(&conn).await;
     publish_stream(&mut p, &names.request, None, 0..FIRST).await;
@@ -58,10 +55,7 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
 
     // Space is back: a restart recovers and finishes every request exactly once.
     std::fs::remove_file(&filler).unwrap();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every result", Duration::from_secs(120), |m| {
             distinct_count(m) >= TOTAL

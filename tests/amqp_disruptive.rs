@@ -104,10 +104,7 @@ async fn start_stream(test: &str) -> (Setup, Worker, Collector) {
     let conn = require_broker().await;
     let setup = Setup::new(test, config());
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     let mut producer = Producer::new(&conn).await;
     // No reply_to: reply queues are exclusive and die with the test's connections.
@@ -209,10 +206,7 @@ async fn disruptive_broker_down_at_start_and_at_sigterm() {
 
     // A restart finishes the stream.
     let conn = connect_retrying("rewardpool test", Duration::from_secs(60)).await;
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every result", Duration::from_secs(180), |m| {
             distinct_count(m) >= N

@@ -34,10 +34,7 @@ async fn end_to_end_quorum_10k_requests() {
         WorkerConfig::new(QueueType::Quorum, vec![default_pool.clone(), tiny.clone()]),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
 

@@ -87,10 +87,7 @@ async fn poison_requests_are_dead_lettered_and_the_worker_keeps_running() {
         ),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
     let dead = Collector::start(&names.dead).await;
@@ -259,10 +256,7 @@ async fn a_mixed_stream_of_valid_poison_and_repeated_requests_at_volume() {
         WorkerConfig::new(QueueType::Classic, stream_pools()),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
     let dead = Collector::start(&names.dead).await;
@@ -379,10 +373,7 @@ async fn prefetch_one_still_serves_every_request() {
     config.amqp_extra.push("prefetch = 1".into());
     let setup = Setup::new("prefetch1", config);
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     let mut p = Producer::new(&conn).await;
     publish_stream(&mut p, &names.request, None, 0..N).await;
@@ -412,10 +403,7 @@ async fn a_reply_to_naming_no_queue_loses_only_the_reply() {
         WorkerConfig::new(QueueType::Classic, stream_pools()),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     let mut p = Producer::new(&conn).await;
     let nowhere = names.extra("no-such-queue");
@@ -453,10 +441,7 @@ async fn a_non_utf8_message_id_is_dead_lettered_and_the_worker_keeps_serving() {
         ),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     let request = names.request.clone();
     tokio::task::spawn_blocking(move || raw_publish(&request, br#"{"user":"x"}"#, b"\xff\xfe"))
@@ -500,10 +485,7 @@ async fn a_non_utf8_message_id_on_a_quorum_queue_takes_no_valid_request_with_it(
     config.delivery_limit = Some(3);
     let setup = Setup::new("non-utf8-q", config);
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let results = Collector::start(&names.result).await;
     // Not consumed with lapin: it could not parse the poison either.
     let dead = async || must_queue_state(&conn, &names.dead).await.messages as usize;

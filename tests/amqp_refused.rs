@@ -42,10 +42,7 @@ async fn refused_results_keep_their_requests_unacked_until_the_result_queue_has_
         "queues",
     ]);
 
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let mut p = Producer::new(&conn).await;
     publish_stream(&mut p, &names.request, None, 0..N).await;
 
@@ -75,10 +72,7 @@ async fn refused_results_keep_their_requests_unacked_until_the_result_queue_has_
 
     // Room again: everything completes.
     let results = Collector::start(&names.result).await;
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every request's result", Duration::from_secs(120), |m| {
             distinct_count(m) >= N

@@ -47,10 +47,7 @@ async fn a_repeated_message_id_gets_the_first_id_and_outcome_and_is_not_drawn_ag
         ),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
     let mut p = Producer::new(&conn).await;
@@ -162,10 +159,7 @@ async fn a_repeated_message_id_gets_the_first_id_and_outcome_and_is_not_drawn_ag
     setup.check_conservation([&a, &b, &n1, &n2]);
 
     // After a restart the repeat is still known (the window is durable).
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     p.publish(
         &names.request,
         br#"{"user":"eve"}"#,

@@ -18,10 +18,7 @@ async fn sigterm_mid_stream_finishes_accepted_requests_and_a_restart_carries_on(
         WorkerConfig::new(QueueType::Classic, stream_pools()),
     );
     let names = setup.names.clone();
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     let replies = Collector::reply_queue(&names.extra("reply")).await;
     let results = Collector::start(&names.result).await;
 
@@ -89,10 +86,7 @@ async fn sigterm_mid_stream_finishes_accepted_requests_and_a_restart_carries_on(
     note(format!("first run finished {} requests", outcomes.len()));
 
     // Restart: it carries on.
-    let mut worker = setup.start_worker(&[]);
-    worker
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every request's result", Duration::from_secs(300), |m| {
             distinct_count(m) >= M

@@ -21,10 +21,7 @@ async fn a_second_worker_on_the_same_data_dir_refuses_to_start() {
         ),
     );
     let names = setup.names.clone();
-    let mut first = setup.start_worker(&[]);
-    first
-        .wait_ready(&conn, &names.request, Duration::from_secs(60))
-        .await;
+    let mut first = setup.start_ready(&conn, &[]).await;
 
     let mut second = setup.start_worker(&[]);
     let status = second.wait_exit(Duration::from_secs(60)).await;

@@ -310,6 +310,15 @@ impl Setup {
         Worker::spawn(&args, None, env, self.next_log())
     }
 
+    /// Starts the worker and waits until it consumes (fails if it exits first).
+    pub async fn start_ready(&self, conn: &Connection, env: &[(&str, &str)]) -> Worker {
+        let mut worker = self.start_worker(env);
+        worker
+            .wait_ready(conn, &self.names.request, Duration::from_secs(60))
+            .await;
+        worker
+    }
+
     /// `rewardpool inspect --config <file>` as JSON.
     pub fn inspect(&self) -> Value {
         let out = cli(
