@@ -67,7 +67,7 @@ fn durable_run(cfg: &Config, n: u64, first_key: u64) -> (Duration, u64, u64, u64
     let (mut engine, mut committed) = Engine::<()>::start(
         recovered.state,
         recovered.segment,
-        rewardpool::drill::engine_options(cfg, false),
+        rewardpool::engine::EngineOptions::from_config(cfg, false),
     );
     let stats = engine.stats();
     let mut admission = Admission::new(window, engine.ids(), engine.sender());

@@ -50,6 +50,24 @@ pub struct EngineOptions {
     pub wal_keep_all: bool,
 }
 
+impl EngineOptions {
+    /// The engine's options from the config's `[storage]` section. `wal_keep_all` keeps every
+    /// WAL segment (no pruning), for tests that audit the whole history.
+    pub fn from_config(config: &crate::config::Config, wal_keep_all: bool) -> EngineOptions {
+        let s = &config.storage;
+        EngineOptions {
+            data_dir: s.data_dir.clone(),
+            batch_records_max: s.batch_records_max,
+            channel_capacity: s.channel_capacity,
+            snapshot_every_records: s.snapshot_every_records,
+            segment_bytes_max: s.segment_bytes_max,
+            id_block_size: s.id_block_size,
+            rng_seed: s.rng_seed,
+            wal_keep_all,
+        }
+    }
+}
+
 /// A new request, with its ID already handed out by `IdAllocator`.
 pub struct DrawRequest<T> {
     pub request_id: u64,

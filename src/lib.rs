@@ -29,16 +29,15 @@
 //! - [`worker`]: `rewardpool run`: recovery, the engine, the reconnect loop, the shutdown path.
 //! - [`shutdown`]: SIGINT/SIGTERM into one watch channel.
 //!
-//! Tools: [`drill`] (the engine alone under synthetic load, for crash tests) and [`bench`]
-//! (`rewardpool bench`: end-to-end throughput and latency next to the broker's ceiling).
+//! Tools live outside the library: `src/bin/rewardpool-drill.rs` (the engine alone under
+//! synthetic load, for crash tests) and the `rewardpool-bench` crate in `tools/bench/`
+//! (end-to-end throughput and latency next to the broker's ceiling).
 
 pub mod acks;
 pub mod admission;
 pub mod amqp;
-pub mod bench;
 pub mod config;
 pub mod dedupe;
-pub mod drill;
 pub mod engine;
 pub mod failpoint;
 pub mod fenwick;

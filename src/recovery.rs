@@ -55,7 +55,9 @@ pub enum RecoveryError {
     Gap { expected: u64, detail: String },
     #[error("pool {pool:?} of the config cannot be seeded: {reason}")]
     Seed { pool: String, reason: String },
-    #[error("{0}")]
+    // Transparent: the lock error is the whole message; with `{0}` plus `#[from]` an error
+    // chain printed it twice (once as this error, once as its source).
+    #[error(transparent)]
     Lock(#[from] LockError),
 }
 

@@ -17,8 +17,7 @@
 use crate::admission::Admission;
 use crate::amqp::{self, AmqpError, Link};
 use crate::config::{AmqpConfig, Config};
-use crate::drill::engine_options;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineOptions};
 use crate::ingest::{self, IngestEnd, Pools};
 use crate::recovery;
 use crate::session::{Session, Ticket};
@@ -100,7 +99,7 @@ pub async fn run_until(
     };
     let window = Admission::<Ticket>::window_of(&state);
     let (mut engine, committed) =
-        Engine::<Ticket>::start(state, recovered.segment, engine_options(&config, false));
+        Engine::<Ticket>::start(state, recovered.segment, EngineOptions::from_config(&config, false));
     let mut admission = Admission::new(window, engine.ids(), engine.sender());
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Session>>>(None);
     // The committed stream ends only when the engine's writer stops: before shutdown that is a

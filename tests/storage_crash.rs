@@ -1,4 +1,4 @@
-//! Crash tests of the storage engine: a real child process (`rewardpool drill`) draws under a
+//! Crash tests of the storage engine: a real child process (`rewardpool-drill`) draws under a
 //! stream of requests and is killed with SIGKILL at chosen points — failpoints inside the WAL
 //! writer, rotation, snapshot, pruning and recovery, and at random moments. After every kill
 //! the next run recovers, and the invariants are checked against the full WAL (kept whole with
@@ -70,8 +70,8 @@ struct Run {
 }
 
 fn drill(config: &std::path::Path, first: u64, requests: u64, kill: Kill) -> Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rewardpool"));
-    cmd.args(["drill", "--keep-wal", "--config"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rewardpool-drill"));
+    cmd.args(["--keep-wal", "--config"])
         .arg(config)
         .args([
             "--first",

@@ -47,7 +47,7 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
         let (mut engine, mut committed) = Engine::<()>::start(
             recovered.state,
             recovered.segment,
-            rewardpool::drill::engine_options(config, true),
+            rewardpool::engine::EngineOptions::from_config(config, true),
         );
         let mut admission = Admission::new(window, engine.ids(), engine.sender());
         let collector = std::thread::spawn(move || {

@@ -19,10 +19,16 @@ fn bin() -> Command {
     c
 }
 
+fn drill_bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rewardpool-drill"));
+    c.env("RUST_LOG", "warn");
+    c
+}
+
 /// Runs the drill to completion (clean stop) with every WAL segment kept.
 fn drill_ok(config: &Path, first: u64, requests: u64) {
-    let out = bin()
-        .args(["drill", "--keep-wal", "--quiet", "--config"])
+    let out = drill_bin()
+        .args(["--keep-wal", "--quiet", "--config"])
         .arg(config)
         .args([
             "--first",
@@ -192,8 +198,8 @@ fn corrupt_newest_snapshot_falls_back_to_the_older_one_with_nothing_lost() {
     let data = tmp.path().join("data");
     let config_path = write_config(tmp.path(), &data, "");
     let config = load_config(&config_path);
-    let out = bin()
-        .args(["drill", "--quiet", "--config"])
+    let out = drill_bin()
+        .args(["--quiet", "--config"])
         .arg(&config_path)
         .args(["--requests", "3000"])
         .output()
@@ -328,8 +334,8 @@ fn a_second_process_on_the_same_data_dir_is_refused() {
     let config_path = write_config(tmp.path(), &data, "");
     let config = load_config(&config_path);
     let held = recovery::recover(&config, false).unwrap();
-    let out = bin()
-        .args(["drill", "--quiet", "--config"])
+    let out = drill_bin()
+        .args(["--quiet", "--config"])
         .arg(&config_path)
         .args(["--requests", "1"])
         .output()
@@ -367,8 +373,8 @@ fn a_disk_that_fills_mid_run_stops_the_engine_and_loses_nothing() {
     let config = load_config(&config_path);
     drill_ok(&config_path, 0, 10);
     fs_.fill_leaving(40 * 1024);
-    let out = bin()
-        .args(["drill", "--keep-wal", "--config"])
+    let out = drill_bin()
+        .args(["--keep-wal", "--config"])
         .arg(&config_path)
         .args(["--first", "10", "--requests", "20000"])
         .output()

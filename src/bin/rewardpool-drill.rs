@@ -1,7 +1,8 @@
-//! `rewardpool drill`: drives the engine alone (no broker) with a synthetic stream of draws.
+//! `rewardpool-drill`: drives the engine alone (no broker) with a synthetic stream of draws.
 //!
-//! For crash tests and benchmarks of the storage path. Request k has `message_id` `m-<k>`,
-//! pool k mod #pools, user `u<k>`, count 1 + k mod 3. It prints, one line each, flushed:
+//! A test tool, not part of the worker: the crash and recovery tests run it as a child process
+//! (`env!("CARGO_BIN_EXE_rewardpool-drill")`). Request k has `message_id` `m-<k>`, pool k mod
+//! #pools, user `u<k>`, count 1 + k mod 3. It prints, one line each, flushed:
 //!
 //! ```text
 //! assigned <request_id> <message_id> <new|repeat>     before the request goes to the engine
@@ -10,35 +11,85 @@
 //!
 //! A test kills it (SIGKILL, or a failpoint) at any moment and checks, after a restart, that
 //! every `done` line is in the durable state and no ID or `message_id` was used twice.
+//!
+//! Failpoints: this binary is the failpoints' user. The crash tests arm one with
+//! `REWARDPOOL_FAILPOINT=name[:n]`; the points themselves sit in the library's storage code
+//! (`rewardpool::failpoint`) and this tool calls none of its own.
 
-use crate::admission::{Admission, DrawSpec};
-use crate::config::Config;
-use crate::engine::{Engine, EngineOptions};
-use crate::recovery;
+use clap::Parser;
+use rewardpool::admission::{Admission, DrawSpec};
+use rewardpool::config::Config;
+use rewardpool::engine::{Engine, EngineOptions};
+use rewardpool::recovery;
 use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-pub struct DrillOptions {
-    pub first: u64,
-    pub requests: u64,
-    pub keep_all_wal: bool,
-    pub quiet: bool,
+/// Drive the engine alone with synthetic draws (crash tests, storage benchmarks).
+#[derive(Parser)]
+#[command(name = "rewardpool-drill", version)]
+struct DrillArgs {
+    /// TOML configuration file; without it the built-in defaults apply.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides storage.data_dir.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of the first request (its message_id is `m-<first>`).
+    #[arg(long, default_value_t = 0)]
+    first: u64,
+    /// Requests to draw.
+    #[arg(long, default_value_t = 1000)]
+    requests: u64,
+    /// Keep every WAL segment (no pruning), so tests can audit the full history.
+    #[arg(long)]
+    keep_wal: bool,
+    /// Print only the final count.
+    #[arg(long)]
+    quiet: bool,
 }
 
-pub fn engine_options(config: &Config, keep_all_wal: bool) -> EngineOptions {
-    let s = &config.storage;
-    EngineOptions {
-        data_dir: s.data_dir.clone(),
-        batch_records_max: s.batch_records_max,
-        channel_capacity: s.channel_capacity,
-        snapshot_every_records: s.snapshot_every_records,
-        segment_bytes_max: s.segment_bytes_max,
-        id_block_size: s.id_block_size,
-        rng_seed: s.rng_seed,
-        wal_keep_all: keep_all_wal,
+fn main() -> ExitCode {
+    let args = DrillArgs::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let result = Config::load(args.config.as_deref())
+        .map_err(anyhow::Error::from)
+        .and_then(|mut config| {
+            if let Some(dir) = &args.data_dir {
+                config.storage.data_dir = dir.clone();
+            }
+            run(
+                &config,
+                &DrillOptions {
+                    first: args.first,
+                    requests: args.requests,
+                    keep_all_wal: args.keep_wal,
+                    quiet: args.quiet,
+                },
+            )
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 
-pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
+struct DrillOptions {
+    first: u64,
+    requests: u64,
+    keep_all_wal: bool,
+    quiet: bool,
+}
+
+fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
     let recovered = recovery::recover(config, options.keep_all_wal)?;
     let pool_indexes: Vec<u32> = config
         .pools
@@ -55,7 +106,7 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
     let (mut engine, mut committed) = Engine::<String>::start(
         recovered.state,
         recovered.segment,
-        engine_options(config, options.keep_all_wal),
+        EngineOptions::from_config(config, options.keep_all_wal),
     );
     let mut admission = Admission::new(window, engine.ids(), engine.sender());
     let quiet = options.quiet;

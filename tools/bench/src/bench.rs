@@ -1,4 +1,4 @@
-//! `rewardpool bench`: a load generator over the real client path, and the broker's own ceiling
+//! `rewardpool-bench`: a load generator over the real client path, and the broker's own ceiling
 //! on that same path, so that a run can say what fraction of the broker's ceiling the worker
 //! reaches.
 //!
@@ -45,11 +45,11 @@
 //! With `--rate`, requests are scheduled at fixed times and latencies are measured from the
 //! scheduled time, so a stalled server cannot hide its stall (no coordinated omission).
 
-use crate::amqp::{self, AmqpError, Link, timed};
-use crate::config::{AmqpConfig, Config, ItemConfig, Mode, PoolConfig, QueueType};
-use crate::message::{accepted_body, parse_request, result_body};
-use crate::session::{reply_properties, result_properties};
-use crate::state::Outcome;
+use rewardpool::amqp::{self, AmqpError, Link, timed};
+use rewardpool::config::{AmqpConfig, Config, ItemConfig, Mode, PoolConfig, QueueType};
+use rewardpool::message::{accepted_body, parse_request, result_body};
+use rewardpool::session::{reply_properties, result_properties};
+use rewardpool::state::Outcome;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -172,7 +172,7 @@ async fn run_async(config: Config, options: BenchOptions) -> anyhow::Result<Exit
         .unwrap_or(0);
     let run_id = format!("{}.{}", std::process::id(), millis);
     let queue_type = options.queue_type.unwrap_or(config.amqp.queue_type);
-    println!("rewardpool bench");
+    println!("rewardpool-bench");
     println!("machine      {}", machine());
     println!(
         "setup        {} requests, {}, {} queues, prefetch {}, broker {}",
@@ -302,7 +302,7 @@ async fn run_target(
             let worker_config = config.clone();
             let stop = stop_rx.clone();
             Box::pin(async move {
-                match crate::worker::run_until(worker_config, stop).await {
+                match rewardpool::worker::run_until(worker_config, stop).await {
                     Ok(code) if code == ExitCode::SUCCESS => Ok("worker stopped cleanly".into()),
                     Ok(_) => Err("the worker stopped with a failure exit code".into()),
                     Err(e) => Err(format!("the worker failed: {e:#}")),
