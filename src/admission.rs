@@ -169,3 +169,133 @@ impl<T> Admission<T> {
         self.engine.blocking_send(command).map_err(|_| EngineGone)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An admission whose IDs 1..=`durable` are already reserved, and the engine's receiver.
+    fn admission(durable: u64) -> (Admission<u32>, mpsc::Receiver<Command<u32>>) {
+        let ids = Arc::new(IdAllocator::new(0, 16));
+        ids.set_durable(durable);
+        let (tx, rx) = mpsc::channel(16);
+        (Admission::new(Window::new(4), ids, tx), rx)
+    }
+
+    fn spec(message_id: Option<&str>) -> DrawSpec {
+        DrawSpec {
+            message_id: message_id.map(str::to_string),
+            pool_index: 1,
+            user: "alice".into(),
+            count: 2,
+        }
+    }
+
+    #[test]
+    fn new_requests_get_increasing_ids_and_a_repeat_gets_the_first_id() {
+        let (mut a, _rx) = admission(100);
+        let first = a.assign_blocking(Some("m-1")).unwrap();
+        let second = a.assign_blocking(Some("m-2")).unwrap();
+        let anonymous = a.assign_blocking(None).unwrap();
+        assert_eq!(
+            (first.request_id, second.request_id, anonymous.request_id),
+            (1, 2, 3)
+        );
+        assert!(!first.repeat && !second.repeat && !anonymous.repeat);
+        let again = a.assign_blocking(Some("m-1")).unwrap();
+        assert!(again.repeat);
+        assert_eq!(again.request_id, 1, "a repeat meets its first request's ID");
+        // A repeat takes no ID: the next new request continues the sequence.
+        assert_eq!(a.assign_blocking(Some("m-3")).unwrap().request_id, 4);
+        // Without a message_id there is no repeat: each is new.
+        assert!(!a.assign_blocking(None).unwrap().repeat);
+    }
+
+    #[test]
+    fn repeat_of_knows_only_keys_already_assigned() {
+        let (mut a, _rx) = admission(100);
+        let key = Some(message_key("m-1"));
+        assert!(a.repeat_of(key).is_none());
+        assert!(a.repeat_of(None).is_none());
+        let _ = a.assign_blocking(Some("m-1")).unwrap();
+        let repeat = a.repeat_of(key).expect("known now");
+        assert_eq!((repeat.request_id, repeat.repeat), (1, true));
+    }
+
+    #[test]
+    fn the_window_forgets_the_oldest_beyond_its_capacity() {
+        let (mut a, _rx) = admission(100);
+        for k in 0..5 {
+            let _ = a.assign_blocking(Some(&format!("m-{k}"))).unwrap();
+        }
+        // Capacity 4: m-0 is gone (a new request again), m-1..m-4 are remembered.
+        assert!(a.repeat_of(Some(message_key("m-0"))).is_none());
+        for k in 1..5 {
+            assert!(a.repeat_of(Some(message_key(&format!("m-{k}")))).is_some());
+        }
+    }
+
+    #[test]
+    fn submit_sends_a_draw_for_a_new_request_and_a_repeat_for_a_repeat() {
+        let (mut a, mut rx) = admission(100);
+        let first = a.assign_blocking(Some("m-1")).unwrap();
+        a.submit_blocking(first, Some(spec(Some("m-1"))), 10)
+            .unwrap();
+        let again = a.assign_blocking(Some("m-1")).unwrap();
+        a.submit_blocking(again, None, 11).unwrap();
+        match rx.try_recv().unwrap() {
+            Command::Draw(d) => {
+                assert_eq!(d.request_id, 1);
+                assert_eq!(d.message_id.as_deref(), Some("m-1"));
+                assert_eq!(d.key, Some(message_key("m-1")));
+                assert_eq!((d.pool_index, d.user.as_str(), d.count), (1, "alice", 2));
+                assert_eq!(d.ticket, 10);
+            }
+            _ => panic!("a new request is a Draw"),
+        }
+        match rx.try_recv().unwrap() {
+            Command::Repeat(r) => {
+                assert_eq!(r.request_id, 1);
+                assert_eq!(r.key, message_key("m-1"));
+                assert_eq!(r.ticket, 11);
+            }
+            _ => panic!("a repeat is a Repeat"),
+        }
+        assert!(rx.try_recv().is_err(), "nothing else was sent");
+    }
+
+    #[test]
+    fn without_an_engine_no_id_is_handed_out_and_nothing_is_submitted() {
+        let (mut a, rx) = admission(1);
+        let only = a.assign_blocking(Some("m-1")).unwrap();
+        drop(rx);
+        // ID 1 was the last reserved one; the engine that would reserve more is gone.
+        assert!(matches!(a.assign_blocking(Some("m-2")), Err(EngineGone)));
+        assert!(
+            a.repeat_of(Some(message_key("m-2"))).is_none(),
+            "no ID, not remembered"
+        );
+        assert!(matches!(
+            a.submit_blocking(only, Some(spec(Some("m-1"))), 1),
+            Err(EngineGone)
+        ));
+    }
+
+    #[tokio::test]
+    async fn assign_new_waits_for_a_reservation_then_continues() {
+        let (mut a, mut rx) = admission(0);
+        let ids = a.ids.clone();
+        // The "engine": on the first wake, reserve IDs up to 8.
+        let engine = tokio::spawn(async move {
+            while let Some(command) = rx.recv().await {
+                if matches!(command, Command::Wake) {
+                    ids.set_durable(8);
+                    break;
+                }
+            }
+        });
+        let assigned = a.assign_new(Some(message_key("m-1"))).await.unwrap();
+        assert_eq!((assigned.request_id, assigned.repeat), (1, false));
+        engine.await.unwrap();
+    }
+}

@@ -204,3 +204,47 @@ async fn declare_queue(
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The build must use the patched amq-protocol-types in `vendor/` (see README,
+    /// "Dependencies"). Cargo only warns when a `[patch]` stops applying (e.g. lapin moves to a
+    /// newer amq-protocol-types): the registry crate then fails the connection on a non-UTF-8
+    /// short string again. This check makes that a test failure.
+    #[test]
+    fn the_vendored_amq_protocol_types_is_the_one_in_the_build() {
+        const VENDORED_VERSION: &str = "10.6.3";
+        let lock_path = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock");
+        let lock = std::fs::read_to_string(lock_path).expect("read Cargo.lock");
+        let blocks: Vec<&str> = lock
+            .split("[[package]]")
+            .filter(|b| {
+                b.lines()
+                    .any(|l| l.trim() == "name = \"amq-protocol-types\"")
+            })
+            .collect();
+        let fix = "see README.md, \"Moving the vendored crate forward when lapin updates\": copy \
+                   the new upstream version into vendor/amq-protocol-types, re-apply the lossy \
+                   short-string patch, and update this test's version";
+        assert_eq!(
+            blocks.len(),
+            1,
+            "Cargo.lock has {} amq-protocol-types packages: the [patch] in Cargo.toml no longer \
+             replaces the one lapin wants; {fix}",
+            blocks.len()
+        );
+        let block = blocks[0];
+        assert!(
+            !block
+                .lines()
+                .any(|l| l.trim_start().starts_with("source =")),
+            "amq-protocol-types comes from a registry, not from vendor/ (the [patch] is unused); {fix}:\n{block}"
+        );
+        assert!(
+            block
+                .lines()
+                .any(|l| l.trim() == format!("version = \"{VENDORED_VERSION}\"")),
+            "amq-protocol-types in Cargo.lock is not the vendored {VENDORED_VERSION}; {fix}:\n{block}"
+        );
+    }
+}

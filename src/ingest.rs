@@ -142,17 +142,9 @@ async fn handle(
     let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
     let correlation_id = props.correlation_id().clone();
 
-    // A repeat is known by its message_id before anything else; its body is not looked at.
     let mid = message_id.as_ref().map(|m| m.as_str());
     let key = mid.map(message_key);
-    let checked = message::check_message_id(mid).and_then(|()| match admission.repeat_of(key) {
-        Some(repeat) => Ok(Admit::Repeat(repeat)),
-        None => message::parse_request(&delivery.data, &pools.default_pool, |p| {
-            pools.index.contains_key(p)
-        })
-        .map(Admit::New),
-    });
-    let admit = match checked {
+    let admit = match admit(admission, pools, mid, &delivery.data) {
         Ok(admit) => admit,
         Err(reason) => {
             tracing::info!(delivery_tag = tag, %reason, "request rejected to the dead-letter queue");
@@ -210,8 +202,105 @@ async fn handle(
     Ok(())
 }
 
+/// Decides what a delivery is, before any reply and without handing out an ID: a repeat (known
+/// by its `message_id` alone; its body is not looked at), a new request, or a rejection with
+/// its reason.
+fn admit<T>(
+    admission: &Admission<T>,
+    pools: &Pools,
+    message_id: Option<&str>,
+    body: &[u8],
+) -> Result<Admit, String> {
+    message::check_message_id(message_id)?;
+    match admission.repeat_of(message_id.map(message_key)) {
+        Some(repeat) => Ok(Admit::Repeat(repeat)),
+        None => message::parse_request(body, &pools.default_pool, |p| pools.index.contains_key(p))
+            .map(Admit::New),
+    }
+}
+
 /// What ingest decided for a valid delivery.
+#[derive(Debug)]
 enum Admit {
     Repeat(Assigned),
     New(message::ParsedRequest),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Command;
+    use crate::ids::IdAllocator;
+    use tokio::sync::mpsc;
+
+    fn pools() -> Pools {
+        Pools {
+            default_pool: "default".into(),
+            index: HashMap::from([("default".into(), 0), ("spin".into(), 1)]),
+        }
+    }
+
+    fn admission() -> (Admission<u32>, mpsc::Receiver<Command<u32>>) {
+        let ids = Arc::new(IdAllocator::new(0, 16));
+        ids.set_durable(100);
+        let (tx, rx) = mpsc::channel(16);
+        (Admission::new(crate::dedupe::Window::new(8), ids, tx), rx)
+    }
+
+    #[test]
+    fn a_new_request_is_parsed_with_the_default_pool() {
+        let (a, _rx) = admission();
+        match admit(&a, &pools(), Some("m-1"), br#"{"user":"alice","count":2}"#) {
+            Ok(Admit::New(r)) => {
+                assert_eq!(
+                    (r.pool.as_str(), r.user.as_str(), r.count),
+                    ("default", "alice", 2)
+                );
+            }
+            other => panic!("expected a new request: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_repeat_is_known_by_its_message_id_and_its_body_is_not_read() {
+        let (mut a, _rx) = admission();
+        let first = a.assign_blocking(Some("m-1")).unwrap();
+        // The repeat's body is garbage and names an unknown pool: it is never parsed.
+        match admit(&a, &pools(), Some("m-1"), b"not json {") {
+            Ok(Admit::Repeat(r)) => assert_eq!((r.request_id, r.repeat), (first.request_id, true)),
+            other => panic!("expected a repeat: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_requests_are_rejected_with_a_reason() {
+        let (a, _rx) = admission();
+        let p = pools();
+        let long_id = "x".repeat(256);
+        let cases: [(Option<&str>, &[u8], &str); 4] = [
+            (Some(long_id.as_str()), b"{}", "message_id"),
+            (None, b"[1]", "object"),
+            (None, br#"{"pool":"nope"}"#, "nope"),
+            (None, br#"{"count":101}"#, "count"),
+        ];
+        for (message_id, body, want) in cases {
+            match admit(&a, &p, message_id, body) {
+                Err(reason) => assert!(
+                    reason.contains(want),
+                    "{}: reason {reason:?} lacks {want:?}",
+                    String::from_utf8_lossy(body)
+                ),
+                Ok(other) => panic!("{}: accepted as {other:?}", String::from_utf8_lossy(body)),
+            }
+        }
+    }
+
+    #[test]
+    fn an_over_long_message_id_is_rejected_even_when_it_was_seen() {
+        // check_message_id comes first: a key is never computed for an invalid message_id.
+        let (mut a, _rx) = admission();
+        let long_id = "y".repeat(300);
+        let _ = a.assign_blocking(Some(&long_id)).unwrap();
+        assert!(admit(&a, &pools(), Some(&long_id), b"{}").is_err());
+    }
 }

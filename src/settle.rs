@@ -82,6 +82,27 @@ pub async fn run(
     stats
 }
 
+/// What the confirms of one delivery's result publishes add up to: `Ok(true)` (ack it) when
+/// every one is an ack, `Ok(false)` (requeue it) when the broker nacked one, `Err` (the session
+/// failed) when a confirm failed — a failure outranks a nack.
+fn delivery_settlement<E: std::fmt::Display>(
+    confirmations: impl IntoIterator<Item = Result<lapin::Confirmation, E>>,
+) -> Result<bool, String> {
+    let mut result = Ok(true);
+    for confirmation in confirmations {
+        match confirmation {
+            Err(e) => result = Err(format!("publisher confirm: {e}")),
+            Ok(c) if c.is_nack() => {
+                if result.is_ok() {
+                    result = Ok(false);
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    result
+}
+
 /// Publishes a batch's results; returns the future of their confirms.
 async fn publish_batch(
     session: Arc<Session>,
@@ -125,19 +146,10 @@ async fn publish_batch(
         // batches of the next one.
         let all =
             futures::future::join_all(pending.into_iter().map(|(tag, confirms)| async move {
-                let mut result = Ok(true);
-                for confirmation in futures::future::join_all(confirms).await {
-                    match confirmation {
-                        Err(e) => result = Err(format!("publisher confirm: {e}")),
-                        Ok(c) if c.is_nack() => {
-                            if result.is_ok() {
-                                result = Ok(false);
-                            }
-                        }
-                        Ok(_) => {}
-                    }
-                }
-                (tag, result)
+                (
+                    tag,
+                    delivery_settlement(futures::future::join_all(confirms).await),
+                )
             }));
         let out = tokio::select! {
             out = tokio::time::timeout(timeout, all) => match out {
@@ -185,5 +197,49 @@ async fn settle(
     match session.ack(&ready).await {
         Ok(()) => stats.acked += ready.len() as u64,
         Err(e) => session.fail(format!("ack: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delivery_settlement;
+    use lapin::Confirmation;
+
+    fn ack() -> Result<Confirmation, String> {
+        Ok(Confirmation::Ack(None))
+    }
+    fn nack() -> Result<Confirmation, String> {
+        Ok(Confirmation::Nack(None))
+    }
+    fn failed() -> Result<Confirmation, String> {
+        Err("channel closed".into())
+    }
+
+    #[test]
+    fn every_ack_acks_the_delivery() {
+        assert_eq!(delivery_settlement([ack()]), Ok(true));
+        assert_eq!(delivery_settlement([ack(), ack()]), Ok(true));
+        // A delivery whose results were all dropped as stale has nothing to wait for.
+        assert_eq!(
+            delivery_settlement(Vec::<Result<Confirmation, String>>::new()),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn a_nack_of_the_result_or_its_copy_requeues_the_delivery() {
+        assert_eq!(delivery_settlement([nack(), ack()]), Ok(false));
+        assert_eq!(delivery_settlement([ack(), nack()]), Ok(false));
+    }
+
+    #[test]
+    fn a_failed_confirm_fails_the_session_whatever_its_order_with_a_nack() {
+        for confirms in [[failed(), nack()], [nack(), failed()], [ack(), failed()]] {
+            let r = delivery_settlement(confirms);
+            assert!(
+                matches!(&r, Err(e) if e.contains("channel closed")),
+                "{r:?}"
+            );
+        }
     }
 }

@@ -98,8 +98,11 @@ pub async fn run_until(
             .collect(),
     };
     let window = Admission::<Ticket>::window_of(&state);
-    let (mut engine, committed) =
-        Engine::<Ticket>::start(state, recovered.segment, EngineOptions::from_config(&config, false));
+    let (mut engine, committed) = Engine::<Ticket>::start(
+        state,
+        recovered.segment,
+        EngineOptions::from_config(&config, false),
+    );
     let mut admission = Admission::new(window, engine.ids(), engine.sender());
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Session>>>(None);
     // The committed stream ends only when the engine's writer stops: before shutdown that is a

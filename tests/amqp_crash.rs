@@ -3,8 +3,6 @@
 //! WAL write and right after its fsync), restarted each time, then allowed to finish. Nothing
 //! may be lost, drawn twice or given two IDs.
 
-mod common;
-
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
@@ -22,7 +20,7 @@ enum Kill {
     AfterMoreResults(usize),
 }
 
-/// The draws every `wal dump` showed, request ID → message_id. Dumps overlap (recovery keeps
+/// The draws every read of the WAL showed, request ID → message_id. Reads overlap (recovery keeps
 /// the segments behind the older of two snapshots); one ID must always show one message_id.
 fn collect_wal(setup: &Setup, draws: &mut BTreeMap<u64, String>) {
     for (id, message_id) in setup.wal_draws() {

@@ -3,12 +3,9 @@
 //! acking anything that is not on disk; with space back, a restart finishes every request, and
 //! no request has two different outcomes. The data directory is a real small tmpfs (root).
 
-mod common;
-mod tmpfs_support;
-
+use common::Tmpfs;
 use common::*;
 use std::time::Duration;
-use tmpfs_support::Tmpfs;
 
 const FIRST: usize = 300;
 const TOTAL: usize = 3000;

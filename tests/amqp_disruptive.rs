@@ -4,11 +4,14 @@
 //!
 //! These disturb every client of the broker (other tests included), so their names start with
 //! `disruptive_`: each takes every nextest thread (.config/nextest.toml), so it runs alone.
-
-mod common;
+//! Under plain `cargo test` (test binaries run one after another, the tests of one binary in
+//! parallel), the [`ALONE`] lock keeps them from running beside each other.
 
 use common::*;
 use std::time::{Duration, Instant};
+
+/// Held by each test of this file for its whole run: one disruption at a time.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Enough requests that the stream is still flowing when a disruption lands (`rabbitmqctl`
 /// itself takes a second or two to act; the worker draws a few thousand per second).
@@ -114,6 +117,7 @@ async fn start_stream(test: &str) -> (Setup, Worker, Collector) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disruptive_close_all_connections_mid_stream() {
+    let _alone = ALONE.lock().await;
     let started = Instant::now();
     let (setup, mut worker, results) = start_stream("close-all").await;
     for round in 1..=2 {
@@ -136,6 +140,7 @@ async fn disruptive_close_all_connections_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disruptive_broker_restart_mid_stream() {
+    let _alone = ALONE.lock().await;
     let started = Instant::now();
     let (setup, mut worker, results) = start_stream("restart").await;
     let mut app = BrokerApp { stopped: false };
@@ -161,6 +166,7 @@ async fn disruptive_broker_restart_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disruptive_broker_down_at_start_and_at_sigterm() {
+    let _alone = ALONE.lock().await;
     const N: usize = M;
     let started = Instant::now();
     let setup = Setup::new("down", config());

@@ -1,7 +1,5 @@
 //! End to end over quorum queues: 10,000 requests through a real worker process.
 
-mod common;
-
 use common::*;
 use serde_json::json;
 use std::collections::HashMap;
@@ -200,8 +198,7 @@ async fn end_to_end_quorum_10k_requests() {
         last >= previous_id,
         "last_request_id {last} < {previous_id}"
     );
-    let log = worker.log();
-    assert!(!log.contains(" ERROR "), "worker logged errors:\n{log}");
+    worker.assert_no_events_at_or_above(Level::Error);
 
     drop(results);
     drop(replies);

@@ -2,8 +2,6 @@
 //! the broker nacks result publishes, so the requests must not be acked; they come back as
 //! repeats and complete, drawn once, when the result queue has room again.
 
-mod common;
-
 use common::*;
 use std::time::{Duration, Instant};
 

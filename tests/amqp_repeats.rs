@@ -2,8 +2,6 @@
 //! repeat gets the first request's ID and outcome with its own `correlation_id`, also when it
 //! is in flight at the same time as the first, and after a restart.
 
-mod common;
-
 use common::*;
 use std::time::{Duration, Instant};
 

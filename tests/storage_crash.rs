@@ -7,13 +7,11 @@
 //! - every request reported done (after its fsync) is in the WAL with the same items;
 //! - no message_id is drawn twice, no request ID is given to two requests, IDs never go back.
 
-mod storage_support;
-
+use common::*;
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
-use storage_support::*;
 
 #[derive(Debug, Clone)]
 struct Line {

@@ -5,8 +5,7 @@
 //! - recovery from snapshot + WAL at ANY batch boundary equals the state in memory at that
 //!   point (the model: config minus the items of every draw committed up to that batch).
 
-mod storage_support;
-
+use common::*;
 use proptest::prelude::*;
 use rewardpool::admission::{Admission, DrawSpec};
 use rewardpool::engine::Engine;
@@ -14,7 +13,6 @@ use rewardpool::wal;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
-use storage_support::*;
 
 #[derive(Debug, Clone)]
 enum Op {

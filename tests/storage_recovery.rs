@@ -2,16 +2,13 @@
 //! of the last batch, corruption in the middle, corrupt snapshots, missing history, a full
 //! disk at start and during a run, a second process on the same directory.
 
-mod storage_support;
-mod tmpfs_support;
-
+use common::Tmpfs;
+use common::*;
 use rewardpool::recovery::{self, RecoveryError};
 use rewardpool::wal::{self, ScanEnd};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use storage_support::*;
-use tmpfs_support::Tmpfs;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_rewardpool"));

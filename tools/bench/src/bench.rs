@@ -45,11 +45,6 @@
 //! With `--rate`, requests are scheduled at fixed times and latencies are measured from the
 //! scheduled time, so a stalled server cannot hide its stall (no coordinated omission).
 
-use rewardpool::amqp::{self, AmqpError, Link, timed};
-use rewardpool::config::{AmqpConfig, Config, ItemConfig, Mode, PoolConfig, QueueType};
-use rewardpool::message::{accepted_body, parse_request, result_body};
-use rewardpool::session::{reply_properties, result_properties};
-use rewardpool::state::Outcome;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -60,6 +55,11 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
+use rewardpool::amqp::{self, AmqpError, Link, timed};
+use rewardpool::config::{AmqpConfig, Config, ItemConfig, Mode, PoolConfig, QueueType};
+use rewardpool::message::{accepted_body, parse_request, result_body};
+use rewardpool::session::{reply_properties, result_properties};
+use rewardpool::state::Outcome;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;

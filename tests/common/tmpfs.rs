@@ -1,6 +1,5 @@
 //! A small tmpfs mounted for one test, so the disk really fills. Needs root (CI runs as root);
 //! without it the test fails saying so. Unmounted on drop.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

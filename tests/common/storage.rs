@@ -1,6 +1,7 @@
-//! Helpers for the storage tests: configs on disk, reading the whole WAL, checking invariants.
-#![allow(dead_code)]
+//! What is on disk: the one WAL reader of the tests (the library's own scanner, every segment,
+//! oldest first), the storage tests' config, and the invariants checked against the WAL.
 
+use crate::config::{ConfigFile, Setup};
 use rewardpool::config::Config;
 use rewardpool::record::{DrawRecord, Record};
 use rewardpool::wal::{self, ScanEnd};
@@ -28,23 +29,23 @@ items = [
 "#;
 
 /// Writes a config with small batches, snapshots and segments so a short run crosses many
-/// snapshot, rotation and reservation boundaries.
+/// snapshot, rotation and reservation boundaries. `extra_storage`: more `[storage]` keys, as
+/// TOML lines.
 pub fn write_config(dir: &Path, data_dir: &Path, extra_storage: &str) -> PathBuf {
     let path = dir.join("config.toml");
-    let text = format!(
-        r#"
-[storage]
-data_dir = "{}"
-batch_records_max = 64
-snapshot_every_records = 300
-segment_bytes_max = 16384
-id_block_size = 500
-{extra_storage}
-{POOLS_TOML}
-"#,
-        data_dir.display()
-    );
-    std::fs::write(&path, text).unwrap();
+    ConfigFile::new()
+        .set(
+            "storage",
+            "data_dir",
+            data_dir.to_str().expect("utf-8 temp path"),
+        )
+        .set("storage", "batch_records_max", 64)
+        .set("storage", "snapshot_every_records", 300)
+        .set("storage", "segment_bytes_max", 16384)
+        .set("storage", "id_block_size", 500)
+        .merge("storage", extra_storage)
+        .pools_toml(POOLS_TOML)
+        .write(&path);
     path
 }
 
@@ -55,8 +56,11 @@ pub fn load_config(path: &Path) -> Config {
 /// Every draw in the WAL (all segments, oldest first), stopping at the first damage.
 pub fn wal_draws(data_dir: &Path) -> Vec<DrawRecord> {
     let mut out = Vec::new();
-    for segment in wal::list_segments(data_dir).unwrap() {
-        let bytes = std::fs::read(&segment.path).unwrap();
+    let segments = wal::list_segments(data_dir)
+        .unwrap_or_else(|e| panic!("list WAL segments in {}: {e}", data_dir.display()));
+    for segment in segments {
+        let bytes = std::fs::read(&segment.path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", segment.path.display()));
         let end = wal::scan::<()>(&bytes, |batch| {
             for r in batch.records {
                 if let Record::Draw(d) = r {
@@ -160,5 +164,22 @@ pub fn check_state(config: &Config, data_dir: &Path, draws: &[DrawRecord]) {
     }
     for (name, initial, remaining, issued) in state.conservation() {
         assert_eq!(initial, remaining + issued, "conservation of {name}");
+    }
+}
+
+impl Setup {
+    /// Every draw record in the worker's WAL: (request_id, message_id), oldest first. Read
+    /// with [`wal_draws`] while the worker is stopped; snapshots prune old segments, so a test
+    /// that needs every draw configures a large `snapshot_every_records`.
+    pub fn wal_draws(&self) -> Vec<(u64, String)> {
+        wal_draws(&self.data_dir)
+            .into_iter()
+            .map(|d| {
+                let message_id = d
+                    .message_id
+                    .unwrap_or_else(|| panic!("WAL draw {} without a message_id", d.request_id));
+                (d.request_id, message_id)
+            })
+            .collect()
     }
 }
