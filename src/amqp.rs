@@ -37,6 +37,21 @@ pub enum AmqpError {
     InequivalentExchange { exchange: String, detail: String },
     #[error("{0}")]
     Session(String),
+    #[error(transparent)]
+    LockHeld(#[from] LockHeld),
+}
+
+/// Another connection holds a broker lock (see `take_lock`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not consume the same queues; stop the other worker or point this one at other queues"
+)]
+pub struct LockHeld {
+    /// What the lock guards ("request queue", later "pool").
+    pub what: &'static str,
+    pub name: String,
+    /// The exclusive queue that is the lock.
+    pub queue: String,
 }
 
 impl AmqpError {
@@ -44,7 +59,9 @@ impl AmqpError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            AmqpError::Inequivalent { .. } | AmqpError::InequivalentExchange { .. }
+            AmqpError::Inequivalent { .. }
+                | AmqpError::InequivalentExchange { .. }
+                | AmqpError::LockHeld(_)
         )
     }
 }
@@ -66,6 +83,8 @@ pub struct Link {
     pub connection: Connection,
     pub consume: Channel,
     pub publish: Channel,
+    /// Declares the broker locks only: a refused lock closes this channel, nothing else.
+    pub lock: Channel,
 }
 
 /// Connects and opens the two channels (publish with confirms).
@@ -80,6 +99,7 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Link, AmqpError> {
     let op = cfg.operation_timeout_ms;
     let consume = timed("channel.open", op, connection.create_channel()).await?;
     let publish = timed("channel.open", op, connection.create_channel()).await?;
+    let lock = timed("channel.open", op, connection.create_channel()).await?;
     timed(
         "confirm.select",
         op,
@@ -90,7 +110,67 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Link, AmqpError> {
         connection,
         consume,
         publish,
+        lock,
     })
+}
+
+/// The exclusive queue that is the broker lock on `name`.
+pub fn lock_queue_name(name: &str) -> String {
+    format!("{name}.lock")
+}
+
+/// Takes a broker lock: declares the exclusive queue `<name>.lock` on `channel`'s connection.
+///
+/// RabbitMQ enforces an exclusive queue for every client (a declare from another connection is
+/// refused with 405 RESOURCE_LOCKED, which also closes `channel`) and deletes it when the owning
+/// connection ends, so the lock lives exactly as long as the broker session: it is taken again
+/// on every reconnect, before consuming. Exclusive consumers are not used because quorum queues
+/// on RabbitMQ 3.x do not enforce them (shared/NOTES.md). The lock queue keeps no message
+/// (`x-max-length` 0): publishing to it by name costs nothing. `what` names the thing locked
+/// in the error ("request queue"; a pool lock uses the same function).
+pub async fn take_lock(
+    channel: &Channel,
+    what: &'static str,
+    name: &str,
+    op_ms: u64,
+) -> Result<(), AmqpError> {
+    let queue = lock_queue_name(name);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    match timed(
+        "queue.declare (lock)",
+        op_ms,
+        channel.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        ),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(AmqpError::Broker { error, .. }) if resource_locked(&error) => Err(LockHeld {
+            what,
+            name: name.to_string(),
+            queue,
+        }
+        .into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The broker refused an exclusive queue another connection owns.
+fn resource_locked(error: &lapin::Error) -> bool {
+    let text = error.to_string();
+    text.contains("RESOURCE_LOCKED") || text.contains("exclusive access")
 }
 
 /// Declares the dead-letter exchange, the three queues and the binding, idempotently.

@@ -33,6 +33,11 @@ use tokio::sync::watch;
 /// A session that lasted this long counts as healthy: its failure restarts the backoff.
 const SESSION_HEALTHY: Duration = Duration::from_secs(30);
 
+/// After a lost session, how long the worker keeps trying to take its request-queue lock back
+/// before it stops: the broker frees the old connection's lock only once it notices that
+/// connection is gone (at once on a clean close, after missed heartbeats on a network failure).
+const LOCK_REGAIN_MAX: Duration = Duration::from_secs(180);
+
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -49,6 +54,14 @@ async fn open_session(
 ) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
     amqp::declare(&link, cfg).await?;
+    // The broker lock on the request queue, before consuming, on every session.
+    amqp::take_lock(
+        &link.lock,
+        "request queue",
+        &cfg.request_queue,
+        cfg.operation_timeout_ms,
+    )
+    .await?;
     let session = Arc::new(Session::new(
         epoch,
         link.consume.clone(),
@@ -118,6 +131,8 @@ pub async fn run_until(
     let mut epoch = 0u64;
     let mut engine_failed = false;
     let mut last_session: Option<(Link, Arc<Session>)> = None;
+    // Set when a session was lost: the lock must be taken back (bounded by LOCK_REGAIN_MAX).
+    let mut lost_at: Option<std::time::Instant> = None;
     tracing::info!(url = %cfg.url_redacted(), queue = %cfg.request_queue, "connecting to the broker");
     loop {
         if *stop.borrow() {
@@ -130,7 +145,23 @@ pub async fn run_until(
         epoch += 1;
         let (link, session, consumer) = match open_session(&cfg, epoch).await {
             Ok(v) => v,
+            Err(AmqpError::LockHeld(held))
+                if lost_at.is_some_and(|t| t.elapsed() < LOCK_REGAIN_MAX) =>
+            {
+                tracing::warn!(error = %held, retry_in_ms = backoff.as_millis() as u64,
+                    "broker lock not free yet after a lost session (the broker may not have noticed the old connection is gone); not consuming, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = engine_stopped.wait_for(|s| *s) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
             Err(e) if e.is_permanent() => {
+                // A lock held by another worker is permanent too, also after a reconnect: that
+                // worker consumes now, and this one stops rather than wait to take over with
+                // its own copy of the pools (its accepted requests were settled or return).
                 tracing::error!(error = %e, "cannot use the broker's queues or exchange");
                 drop(admission);
                 engine.close();
@@ -149,6 +180,7 @@ pub async fn run_until(
                 continue;
             }
         };
+        lost_at = None;
         let session_started = std::time::Instant::now();
         let _ = current_tx.send(Some(session.clone()));
         tracing::info!(epoch, "connected; consuming");
@@ -181,6 +213,7 @@ pub async fn run_until(
                 }
                 tracing::warn!(%reason, epoch, retry_in_ms = backoff.as_millis() as u64, "broker session lost; reconnecting");
                 session.fail(reason);
+                lost_at = Some(std::time::Instant::now());
                 let _ = current_tx.send(None);
                 close_link(&link, &cfg).await;
                 tokio::select! {
