@@ -180,7 +180,6 @@ pub async fn run_until(
                 continue;
             }
         };
-        lost_at = None;
         let session_started = std::time::Instant::now();
         let _ = current_tx.send(Some(session.clone()));
         tracing::info!(epoch, "connected; consuming");
