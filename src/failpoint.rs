@@ -70,6 +70,7 @@ mod tests {
     /// The test build must carry failpoints (the crash tests depend on it), and `ENABLED` must
     /// follow the feature: that coupling is what keeps them out of release builds.
     #[test]
+    #[allow(clippy::assertions_on_constants)] // constant per build: that is what is checked
     fn failpoints_follow_the_feature_and_tests_have_them() {
         assert_eq!(super::ENABLED, cfg!(feature = "failpoints"));
         assert!(
