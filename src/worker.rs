@@ -12,7 +12,9 @@
 //! window and the settler live across sessions. There is one shutdown path: the signal stops
 //! ingest (consumer cancelled), the engine is closed and drains, the settler publishes and acks
 //! everything accepted, unaccepted deliveries are nacked back to the queue, the engine writes
-//! its final snapshot, and the process exits 0 — all within `amqp.shutdown_deadline_ms`.
+//! its final snapshot, and the process exits 0 — all within `amqp.shutdown_deadline_ms`, which
+//! bounds the whole path (past it the worker exits non-zero; the broker redelivers what was not
+//! acked). A broker error no reconnect can fix and a storage failure take the same path.
 
 use crate::admission::Admission;
 use crate::amqp::{self, AmqpError, Link};
@@ -44,7 +46,11 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         .enable_all()
         .thread_name("rp-async")
         .build()?;
-    runtime.block_on(run_async(config))
+    let result = runtime.block_on(run_async(config));
+    // After a passed shutdown deadline a blocking task (the engine join) may still run: do not
+    // wait for it, the process is exiting.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
 /// Connects, declares and starts consuming: one session, or the error that prevented it.
@@ -88,9 +94,39 @@ pub async fn run_async(config: Config) -> anyhow::Result<ExitCode> {
 
 /// Runs the worker until `stop` turns true (used by `run_async` with the signal listener, and
 /// by benchmarks and tests that embed the worker).
-pub async fn run_until(
+///
+/// `amqp.shutdown_deadline_ms` bounds the whole shutdown, from the signal (or from the moment
+/// the worker decides to stop on its own: storage failure, broker error no reconnect can fix)
+/// to the end: settling, returning unaccepted deliveries, closing the connection, joining the
+/// engine. When it passes, the rest is dropped and the worker fails; deliveries not acked go
+/// back to the queue when the connection ends, and the broker redelivers them.
+pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> anyhow::Result<ExitCode> {
+    let deadline_ms = config.amqp.shutdown_deadline_ms;
+    let (stopping_tx, mut stopping) = watch::channel(false);
+    let mut signalled = stop.clone();
+    let limit = async move {
+        tokio::select! {
+            Ok(_) = signalled.wait_for(|s| *s) => {}
+            Ok(_) = stopping.wait_for(|s| *s) => {}
+            else => std::future::pending::<()>().await,
+        }
+        tokio::time::sleep(Duration::from_millis(deadline_ms)).await;
+    };
+    tokio::select! {
+        result = run_inner(config, stop, stopping_tx) => result,
+        () = limit => {
+            tracing::error!(deadline_ms, "shutdown deadline passed before the shutdown finished; deliveries not acked go back to the queue and are redelivered");
+            anyhow::bail!(
+                "shutdown deadline passed ({deadline_ms} ms, amqp.shutdown_deadline_ms): requests not acked yet are redelivered by the broker"
+            )
+        }
+    }
+}
+
+async fn run_inner(
     config: Config,
     mut stop: watch::Receiver<bool>,
+    stopping: watch::Sender<bool>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = Arc::new(config.amqp.clone());
     tracing::info!(data_dir = %config.storage.data_dir.display(), "recovering");
@@ -130,6 +166,7 @@ pub async fn run_until(
     let mut backoff = backoff_min;
     let mut epoch = 0u64;
     let mut engine_failed = false;
+    let mut fatal: Option<AmqpError> = None;
     let mut last_session: Option<(Link, Arc<Session>)> = None;
     // Set when a session was lost: the lock must be taken back (bounded by LOCK_REGAIN_MAX).
     let mut lost_at: Option<std::time::Instant> = None;
@@ -163,11 +200,8 @@ pub async fn run_until(
                 // worker consumes now, and this one stops rather than wait to take over with
                 // its own copy of the pools (its accepted requests were settled or return).
                 tracing::error!(error = %e, "cannot use the broker's queues or exchange");
-                drop(admission);
-                engine.close();
-                let _ = settler.await;
-                let _ = tokio::task::spawn_blocking(move || engine.join()).await;
-                return Err(e.into());
+                fatal = Some(e);
+                break;
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
@@ -225,28 +259,21 @@ pub async fn run_until(
         }
     }
 
-    // The one shutdown path.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.shutdown_deadline_ms);
+    // The one shutdown path, bounded as a whole by run_until.
+    let _ = stopping.send(true);
     drop(admission);
     engine.close();
-    let settled = tokio::time::timeout_at(deadline, settler).await;
     let mut clean = true;
-    match settled {
-        Ok(Ok(stats)) => tracing::info!(
+    match settler.await {
+        Ok(stats) => tracing::info!(
             acked = stats.acked,
             requeued = stats.requeued,
             dropped_stale = stats.dropped_stale,
             "results settled"
         ),
-        Ok(Err(e)) => {
+        Err(e) => {
             clean = false;
             tracing::error!(error = %e, "settler failed");
-        }
-        Err(_) => {
-            clean = false;
-            tracing::error!(
-                "shutdown deadline passed before every accepted request was acked; they will be redelivered"
-            );
         }
     }
     if let Some((link, session)) = last_session {
@@ -258,6 +285,9 @@ pub async fn run_until(
     let joined = tokio::task::spawn_blocking(move || engine.join()).await?;
     if let Err(e) = joined {
         tracing::error!(error = %e, "engine stopped with an error");
+        return Err(e.into());
+    }
+    if let Some(e) = fatal {
         return Err(e.into());
     }
     if engine_failed {
