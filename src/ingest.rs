@@ -142,21 +142,42 @@ async fn handle(
     let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
     let correlation_id = props.correlation_id().clone();
 
-    // A repeat is known by its message_id before anything else; its body is not looked at.
+    // Every property a producer controls is checked first (message::check_properties); then a
+    // repeat is known by its message_id; its body is not looked at.
     let mid = message_id.as_ref().map(|m| m.as_str());
     let key = mid.map(message_key);
-    let checked = message::check_message_id(mid).and_then(|()| match admission.repeat_of(key) {
-        Some(repeat) => Ok(Admit::Repeat(repeat)),
-        None => message::parse_request(&delivery.data, &pools.default_pool, |p| {
-            pools.index.contains_key(p)
-        })
-        .map(Admit::New),
+    let cfg = &session.cfg;
+    let lock_queue = crate::amqp::lock_queue_name(&cfg.request_queue);
+    let own_queues = [
+        cfg.request_queue.as_str(),
+        cfg.result_queue.as_str(),
+        cfg.dead_letter_queue.as_str(),
+        lock_queue.as_str(),
+    ];
+    let request_props = message::RequestProps {
+        message_id: mid,
+        correlation_id: correlation_id.as_ref().map(|c| c.as_str()),
+        reply_to: reply_to.as_ref().map(|r| r.as_str()),
+        kind: props.kind().as_ref().map(|k| k.as_str()),
+        content_type: props.content_type().as_ref().map(|t| t.as_str()),
+        content_encoding: props.content_encoding().as_ref().map(|e| e.as_str()),
+    };
+    let checked = message::check_properties(&request_props, &own_queues).and_then(|()| {
+        match admission.repeat_of(key) {
+            Some(repeat) => Ok(Admit::Repeat(repeat)),
+            None => message::parse_request(&delivery.data, &pools.default_pool, |p| {
+                pools.index.contains_key(p)
+            })
+            .map(Admit::New),
+        }
     });
     let admit = match checked {
         Ok(admit) => admit,
         Err(reason) => {
             tracing::info!(delivery_tag = tag, %reason, "request rejected to the dead-letter queue");
-            if let Some(reply_to) = &reply_to {
+            if let Some(reply_to) = &reply_to
+                && message::reply_allowed(reply_to.as_str(), &own_queues)
+            {
                 let confirm = session
                     .publish(
                         reply_to.as_str(),
