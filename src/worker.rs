@@ -204,7 +204,13 @@ async fn run_inner(
                 break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
+                // Refused credentials and certificate problems need an operator: ERROR, with
+                // the same backoff (a broker-side fix is picked up without a restart).
+                if matches!(e, AmqpError::AuthRefused(_) | AmqpError::Certificate(_)) {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot log in to the broker; retrying");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => {}
