@@ -16,7 +16,6 @@ use crate::session::{Session, Ticket, result_properties};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// Publish groups whose confirms may be outstanding at once (prefetch bounds the requests).
@@ -118,7 +117,6 @@ async fn publish_batch(
         }
         pending.push((c.ticket.delivery_tag, confirms));
     }
-    let timeout = Duration::from_millis(session.cfg.operation_timeout_ms);
     async move {
         // All of the batch's confirms under one deadline, abandoned at once if the session
         // fails: batches settle in order, so a dead session's batch must never hold up the
@@ -140,9 +138,10 @@ async fn publish_batch(
                 (tag, result)
             }));
         let out = tokio::select! {
-            out = tokio::time::timeout(timeout, all) => match out {
-                Ok(out) => out,
-                Err(_) => {
+            // The timeout does not run while the broker blocks the connection (alarm).
+            out = session.unless_blocked(all) => match out {
+                Some(out) => out,
+                None => {
                     session.fail("publisher confirms timed out".into());
                     Vec::new()
                 }

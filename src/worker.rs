@@ -59,6 +59,8 @@ async fn open_session(
     epoch: u64,
 ) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
+    // Listened to from the start: a connection.blocked can come at any time.
+    let events = link.connection.events_listener();
     amqp::declare(&link, cfg).await?;
     // The broker lock on the request queue, before consuming, on every session.
     amqp::take_lock(
@@ -74,8 +76,39 @@ async fn open_session(
         link.publish.clone(),
         cfg.clone(),
     ));
+    tokio::spawn(watch_events(Arc::downgrade(&session), events));
     let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
     Ok((link, session, consumer))
+}
+
+/// Drains the connection's events (lapin queues them unbounded): connection.blocked and
+/// unblocked (a broker memory or disk alarm) are logged and recorded on the session, whose
+/// publishes and confirms then wait instead of timing out as a lost connection. Ends with the
+/// session.
+async fn watch_events(
+    session: std::sync::Weak<Session>,
+    mut events: impl futures::Stream<Item = lapin::Event> + Unpin,
+) {
+    use futures::StreamExt;
+    loop {
+        let Some(s) = session.upgrade() else { return };
+        let next = tokio::select! {
+            e = events.next() => e,
+            _ = s.broken() => return,
+        };
+        match next {
+            None => return,
+            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                tracing::warn!(epoch = s.epoch, %reason, "the broker blocks publishing (resource alarm: memory or disk); results wait until it unblocks");
+                s.set_blocked(Some(reason));
+            }
+            Some(lapin::Event::ConnectionUnblocked) => {
+                tracing::info!(epoch = s.epoch, "the broker unblocked publishing");
+                s.set_blocked(None);
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 async fn close_link(link: &Link, cfg: &AmqpConfig) {
