@@ -13,6 +13,7 @@ use lapin::options::{
     BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use std::future::Future;
@@ -37,6 +38,52 @@ pub enum AmqpError {
     InequivalentExchange { exchange: String, detail: String },
     #[error("{0}")]
     Session(String),
+    #[error(transparent)]
+    LockHeld(#[from] LockHeld),
+    #[error("TLS configuration: {0}")]
+    TlsFile(String),
+    #[error(
+        "TLS certificate problem talking to the broker: {0} (is amqp.tls_ca_file the CA that signed the broker's certificate, and does the URL's host match it? does the broker require a client certificate: amqp.tls_cert_file, amqp.tls_key_file?)"
+    )]
+    Certificate(String),
+    #[error(
+        "the broker refused the credentials of amqp.url (ACCESS_REFUSED: wrong user or password, or no access to the vhost): {0}"
+    )]
+    AuthRefused(String),
+}
+
+/// Names the two connect failures an operator must fix: credentials and certificates.
+fn classify_connect_error(e: AmqpError) -> AmqpError {
+    let AmqpError::Broker { error, .. } = &e else {
+        return e;
+    };
+    let text = error.to_string();
+    let lower = text.to_ascii_lowercase();
+    if text.contains("ACCESS_REFUSED") || lower.contains("authentication") {
+        AmqpError::AuthRefused(text)
+    } else if lower.contains("certificate")
+        || lower.contains("unknownissuer")
+        || lower.contains("handshake")
+        || lower.contains("tls")
+        || lower.contains("alert")
+    {
+        AmqpError::Certificate(text)
+    } else {
+        e
+    }
+}
+
+/// Another connection holds a broker lock (see `take_lock`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not consume the same queues; stop the other worker or point this one at other queues"
+)]
+pub struct LockHeld {
+    /// What the lock guards ("request queue", later "pool").
+    pub what: &'static str,
+    pub name: String,
+    /// The exclusive queue that is the lock.
+    pub queue: String,
 }
 
 impl AmqpError {
@@ -44,7 +91,10 @@ impl AmqpError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            AmqpError::Inequivalent { .. } | AmqpError::InequivalentExchange { .. }
+            AmqpError::Inequivalent { .. }
+                | AmqpError::InequivalentExchange { .. }
+                | AmqpError::LockHeld(_)
+                | AmqpError::TlsFile(_)
         )
     }
 }
@@ -66,20 +116,70 @@ pub struct Link {
     pub connection: Connection,
     pub consume: Channel,
     pub publish: Channel,
+    /// Declares the broker locks only: a refused lock closes this channel, nothing else.
+    pub lock: Channel,
 }
 
-/// Connects and opens the two channels (publish with confirms).
+/// The TLS settings of `amqp.tls_*`: the CA file's certificates are trusted for the broker,
+/// the client certificate and key are presented when the broker asks for one. Read at every
+/// connect, so renewed files are picked up on reconnect.
+pub fn tls_config(cfg: &AmqpConfig) -> Result<OwnedTLSConfig, AmqpError> {
+    let read = |key: &str, path: &str| {
+        std::fs::read(path).map_err(|e| AmqpError::TlsFile(format!("amqp.{key} = {path:?}: {e}")))
+    };
+    let mut tls = OwnedTLSConfig::default();
+    if !cfg.tls_ca_file.is_empty() {
+        let pem = read("tls_ca_file", &cfg.tls_ca_file)?;
+        let pem = String::from_utf8(pem).map_err(|_| {
+            AmqpError::TlsFile(format!(
+                "amqp.tls_ca_file = {:?}: not a PEM text file",
+                cfg.tls_ca_file
+            ))
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(AmqpError::TlsFile(format!(
+                "amqp.tls_ca_file = {:?}: no PEM certificate in it",
+                cfg.tls_ca_file
+            )));
+        }
+        tls.cert_chain = Some(pem);
+    }
+    match (cfg.tls_cert_file.is_empty(), cfg.tls_key_file.is_empty()) {
+        (true, true) => {}
+        (false, false) => {
+            tls.identity = Some(OwnedIdentity::PKCS8 {
+                pem: read("tls_cert_file", &cfg.tls_cert_file)?,
+                key: read("tls_key_file", &cfg.tls_key_file)?,
+            });
+        }
+        _ => {
+            return Err(AmqpError::TlsFile(
+                "amqp.tls_cert_file and amqp.tls_key_file go together: set both or neither".into(),
+            ));
+        }
+    }
+    Ok(tls)
+}
+
+/// Connects and opens the channels (publish with confirms).
 pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Link, AmqpError> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = tls_config(cfg)?;
+    let runtime = lapin::runtime::default_runtime().map_err(|error| AmqpError::Broker {
+        what: "connect",
+        error,
+    })?;
     let connection = timed(
         "connect",
         cfg.connect_timeout_ms,
-        Connection::connect(&cfg.url, props),
+        Connection::connect_with_config(&cfg.url, props, tls, runtime),
     )
-    .await?;
+    .await
+    .map_err(classify_connect_error)?;
     let op = cfg.operation_timeout_ms;
     let consume = timed("channel.open", op, connection.create_channel()).await?;
     let publish = timed("channel.open", op, connection.create_channel()).await?;
+    let lock = timed("channel.open", op, connection.create_channel()).await?;
     timed(
         "confirm.select",
         op,
@@ -90,7 +190,67 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Link, AmqpError> {
         connection,
         consume,
         publish,
+        lock,
     })
+}
+
+/// The exclusive queue that is the broker lock on `name`.
+pub fn lock_queue_name(name: &str) -> String {
+    format!("{name}.lock")
+}
+
+/// Takes a broker lock: declares the exclusive queue `<name>.lock` on `channel`'s connection.
+///
+/// RabbitMQ enforces an exclusive queue for every client (a declare from another connection is
+/// refused with 405 RESOURCE_LOCKED, which also closes `channel`) and deletes it when the owning
+/// connection ends, so the lock lives exactly as long as the broker session: it is taken again
+/// on every reconnect, before consuming. Exclusive consumers are not used because quorum queues
+/// on RabbitMQ 3.x do not enforce them (shared/NOTES.md). The lock queue keeps no message
+/// (`x-max-length` 0): publishing to it by name costs nothing. `what` names the thing locked
+/// in the error ("request queue"; a pool lock uses the same function).
+pub async fn take_lock(
+    channel: &Channel,
+    what: &'static str,
+    name: &str,
+    op_ms: u64,
+) -> Result<(), AmqpError> {
+    let queue = lock_queue_name(name);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    match timed(
+        "queue.declare (lock)",
+        op_ms,
+        channel.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        ),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(AmqpError::Broker { error, .. }) if resource_locked(&error) => Err(LockHeld {
+            what,
+            name: name.to_string(),
+            queue,
+        }
+        .into()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The broker refused an exclusive queue another connection owns.
+fn resource_locked(error: &lapin::Error) -> bool {
+    let text = error.to_string();
+    text.contains("RESOURCE_LOCKED") || text.contains("exclusive access")
 }
 
 /// Declares the dead-letter exchange, the three queues and the binding, idempotently.

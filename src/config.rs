@@ -79,6 +79,9 @@ const AMQP_KEYS: &[&str] = &[
     "reconnect_backoff_max_ms",
     "shutdown_deadline_ms",
     "dead_letter_exchange",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
 ];
 const STORAGE_KEYS: &[&str] = &[
     "data_dir",
@@ -134,6 +137,11 @@ pub struct AmqpConfig {
     pub shutdown_deadline_ms: u64,
     /// Empty: derived as `<request_queue>.dlx` (see [`AmqpConfig::dead_letter_exchange_name`]).
     pub dead_letter_exchange: String,
+    /// amqps://: PEM file of CA certificates to trust for the broker ("" = unset).
+    pub tls_ca_file: String,
+    /// amqps://: PEM client certificate (chain) and its PKCS#8 PEM key, both or neither.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for AmqpConfig {
@@ -152,6 +160,9 @@ impl Default for AmqpConfig {
             reconnect_backoff_max_ms: 10_000,
             shutdown_deadline_ms: 30_000,
             dead_letter_exchange: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -190,6 +201,9 @@ impl fmt::Debug for AmqpConfig {
             .field("reconnect_backoff_max_ms", &self.reconnect_backoff_max_ms)
             .field("shutdown_deadline_ms", &self.shutdown_deadline_ms)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }

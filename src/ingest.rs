@@ -142,13 +142,39 @@ async fn handle(
     let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
     let correlation_id = props.correlation_id().clone();
 
+    // Every property a producer controls is checked first (message::check_properties); then a
+    // repeat is known by its message_id; its body is not looked at.
     let mid = message_id.as_ref().map(|m| m.as_str());
     let key = mid.map(message_key);
-    let admit = match admit(admission, pools, mid, &delivery.data) {
+    let cfg = &session.cfg;
+    let lock_queue = crate::amqp::lock_queue_name(&cfg.request_queue);
+    let own_queues = [
+        cfg.request_queue.as_str(),
+        cfg.result_queue.as_str(),
+        cfg.dead_letter_queue.as_str(),
+        lock_queue.as_str(),
+    ];
+    let request_props = message::RequestProps {
+        message_id: mid,
+        correlation_id: correlation_id.as_ref().map(|c| c.as_str()),
+        reply_to: reply_to.as_ref().map(|r| r.as_str()),
+        kind: props.kind().as_ref().map(|k| k.as_str()),
+        content_type: props.content_type().as_ref().map(|t| t.as_str()),
+        content_encoding: props.content_encoding().as_ref().map(|e| e.as_str()),
+    };
+    let admit = match admit(
+        admission,
+        pools,
+        &request_props,
+        &own_queues,
+        &delivery.data,
+    ) {
         Ok(admit) => admit,
         Err(reason) => {
             tracing::info!(delivery_tag = tag, %reason, "request rejected to the dead-letter queue");
-            if let Some(reply_to) = &reply_to {
+            if let Some(reply_to) = &reply_to
+                && message::reply_allowed(reply_to.as_str(), &own_queues)
+            {
                 let confirm = session
                     .publish(
                         reply_to.as_str(),
@@ -208,11 +234,12 @@ async fn handle(
 fn admit<T>(
     admission: &Admission<T>,
     pools: &Pools,
-    message_id: Option<&str>,
+    props: &message::RequestProps,
+    own_queues: &[&str],
     body: &[u8],
 ) -> Result<Admit, String> {
-    message::check_message_id(message_id)?;
-    match admission.repeat_of(message_id.map(message_key)) {
+    message::check_properties(props, own_queues)?;
+    match admission.repeat_of(props.message_id.map(message_key)) {
         Some(repeat) => Ok(Admit::Repeat(repeat)),
         None => message::parse_request(body, &pools.default_pool, |p| pools.index.contains_key(p))
             .map(Admit::New),
@@ -233,6 +260,13 @@ mod tests {
     use crate::ids::IdAllocator;
     use tokio::sync::mpsc;
 
+    fn props(message_id: Option<&str>) -> message::RequestProps<'_> {
+        message::RequestProps {
+            message_id,
+            ..Default::default()
+        }
+    }
+
     fn pools() -> Pools {
         Pools {
             default_pool: "default".into(),
@@ -250,7 +284,13 @@ mod tests {
     #[test]
     fn a_new_request_is_parsed_with_the_default_pool() {
         let (a, _rx) = admission();
-        match admit(&a, &pools(), Some("m-1"), br#"{"user":"alice","count":2}"#) {
+        match admit(
+            &a,
+            &pools(),
+            &props(Some("m-1")),
+            &[],
+            br#"{"user":"alice","count":2}"#,
+        ) {
             Ok(Admit::New(r)) => {
                 assert_eq!(
                     (r.pool.as_str(), r.user.as_str(), r.count),
@@ -266,7 +306,7 @@ mod tests {
         let (mut a, _rx) = admission();
         let first = a.assign_blocking(Some("m-1")).unwrap();
         // The repeat's body is garbage and names an unknown pool: it is never parsed.
-        match admit(&a, &pools(), Some("m-1"), b"not json {") {
+        match admit(&a, &pools(), &props(Some("m-1")), &[], b"not json {") {
             Ok(Admit::Repeat(r)) => assert_eq!((r.request_id, r.repeat), (first.request_id, true)),
             other => panic!("expected a repeat: {other:?}"),
         }
@@ -284,7 +324,7 @@ mod tests {
             (None, br#"{"count":101}"#, "count"),
         ];
         for (message_id, body, want) in cases {
-            match admit(&a, &p, message_id, body) {
+            match admit(&a, &p, &props(message_id), &[], body) {
                 Err(reason) => assert!(
                     reason.contains(want),
                     "{}: reason {reason:?} lacks {want:?}",
@@ -301,6 +341,6 @@ mod tests {
         let (mut a, _rx) = admission();
         let long_id = "y".repeat(300);
         let _ = a.assign_blocking(Some(&long_id)).unwrap();
-        assert!(admit(&a, &pools(), Some(&long_id), b"{}").is_err());
+        assert!(admit(&a, &pools(), &props(Some(&long_id)), &[], b"{}").is_err());
     }
 }

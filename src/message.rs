@@ -24,6 +24,8 @@ pub struct ParsedRequest {
 /// A `message_id` that was not valid UTF-8 reaches us decoded lossily (see the patched
 /// amq-protocol-types in vendor/): it contains U+FFFD and is rejected, since distinct ids could
 /// decode to the same string and be taken for repeats.
+/// An empty `message_id` is rejected: "no key" or "the key ''" are two readings of it, and the
+/// second would make every such request a repeat of the first.
 pub fn check_message_id(message_id: Option<&str>) -> Result<(), String> {
     match message_id {
         Some(m) if m.len() > MESSAGE_ID_BYTES_MAX => Err(format!(
@@ -33,7 +35,149 @@ pub fn check_message_id(message_id: Option<&str>) -> Result<(), String> {
         Some(m) if m.contains('\u{FFFD}') => {
             Err("message_id is not valid UTF-8 (or contains U+FFFD)".into())
         }
+        Some("") => Err("message_id is empty (leave it out instead)".into()),
         _ => Ok(()),
+    }
+}
+
+/// The `type`s of the worker's own messages (replies, results, admin replies). A delivery that
+/// carries one of them is the worker's own output routed back to it, or made to look like it:
+/// never acted on.
+pub const OWN_TYPES: [&str; 4] = ["accepted", "rejected", "result", "admin_result"];
+
+/// The producer-controlled properties ingest reads, as the broker decoded them (short strings
+/// that were not UTF-8 arrive decoded lossily, with U+FFFD).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RequestProps<'a> {
+    pub message_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub reply_to: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub content_encoding: Option<&'a str>,
+}
+
+/// Whether a reply may be published to `reply_to`: not to one of the worker's own queues
+/// (`own_queues`: request, result, dead-letter, admin), where it would be consumed again as a
+/// request, pollute the result stream or the dead letters; not to a name that reached us
+/// mangled (U+FFFD: the producer's queue has another name).
+pub fn reply_allowed(reply_to: &str, own_queues: &[&str]) -> bool {
+    !reply_to.is_empty() && !reply_to.contains('\u{FFFD}') && !own_queues.contains(&reply_to)
+}
+
+/// Checks every property a producer controls, before the repeat lookup and the body: the
+/// `message_id`; a `correlation_id` or `reply_to` that was not UTF-8 (it would be echoed or
+/// used mangled); a `reply_to` naming one of the worker's own queues; a `type` of the worker's
+/// own messages; a body encoding (`content_encoding` other than identity, a charset other than
+/// UTF-8) under which the bytes would read differently.
+pub fn check_properties(p: &RequestProps, own_queues: &[&str]) -> Result<(), String> {
+    check_message_id(p.message_id)?;
+    if p.correlation_id.is_some_and(|c| c.contains('\u{FFFD}')) {
+        return Err("correlation_id is not valid UTF-8 (or contains U+FFFD)".into());
+    }
+    if let Some(r) = p.reply_to.filter(|r| !r.is_empty()) {
+        if r.contains('\u{FFFD}') {
+            return Err("reply_to is not valid UTF-8 (or contains U+FFFD)".into());
+        }
+        if own_queues.contains(&r) {
+            return Err(format!(
+                "reply_to {:?} is one of the worker's own queues",
+                truncate(r, 128)
+            ));
+        }
+    }
+    if let Some(k) = p.kind
+        && OWN_TYPES.contains(&k)
+    {
+        return Err(format!(
+            "type {k:?} is the type of the worker's own messages, not a request"
+        ));
+    }
+    if let Some(e) = p.content_encoding
+        && !(e.is_empty() || e.eq_ignore_ascii_case("identity"))
+    {
+        return Err(format!(
+            "content_encoding {:?} is not supported: the body must be plain JSON",
+            truncate(e, 64)
+        ));
+    }
+    if let Some(t) = p.content_type {
+        for param in t.split(';').skip(1) {
+            if let Some((k, v)) = param.split_once('=')
+                && k.trim().eq_ignore_ascii_case("charset")
+            {
+                let v = v.trim().trim_matches('"');
+                if !(v.eq_ignore_ascii_case("utf-8") || v.eq_ignore_ascii_case("utf8")) {
+                    return Err(format!(
+                        "content_type charset {:?} is not supported: the body must be UTF-8",
+                        truncate(v, 64)
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A JSON value read strictly: an object with the same key twice (at any depth) is an error,
+/// since parsers disagree on which one counts. Everything else is serde_json's grammar (no BOM,
+/// no trailing data, UTF-8 only, no lone surrogates, nesting at most 128 deep).
+struct Strict(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Strict;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Strict, E> {
+                Ok(Strict(
+                    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into),
+                ))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Strict, E> {
+                Ok(Strict(v.into()))
+            }
+            fn visit_unit<E>(self) -> Result<Strict, E> {
+                Ok(Strict(serde_json::Value::Null))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                let mut out = Vec::new();
+                while let Some(Strict(v)) = a.next_element()? {
+                    out.push(v);
+                }
+                Ok(Strict(out.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Strict, A::Error> {
+                let mut out = serde_json::Map::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    let Strict(v) = a.next_value()?;
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate key {:?}",
+                            truncate(&k, 64)
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Strict(out.into()))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -49,8 +193,8 @@ pub fn parse_request(
             body.len()
         ));
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let Strict(value) = serde_json::from_slice(body)
+        .map_err(|e| format!("body is not valid JSON (read strictly): {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("body must be a JSON object".into());
     };
@@ -73,6 +217,11 @@ pub fn parse_request(
             "user is {} bytes, at most {USER_BYTES_MAX} allowed",
             user.len()
         ));
+    }
+    // NUL ends the string for C readers, line breaks forge log lines: control characters
+    // would make the user read differently downstream.
+    if user.chars().any(|c| c.is_control()) {
+        return Err("user contains a control character".into());
     }
     let count = match map.get("count") {
         None | Some(serde_json::Value::Null) => 1,
@@ -235,6 +384,213 @@ mod tests {
             serde_json::json!({"status": "won", "request_id": 42, "message_id": "m-17",
                 "pool": "default", "user": "alice", "count": 1, "items": ["gold"]})
         );
+    }
+
+    /// Bodies other parsers would read differently from serde_json, or not at all: each is
+    /// rejected, none is drawn.
+    #[test]
+    fn hostile_bodies_are_rejected() {
+        let cases: [(&[u8], &str); 19] = [
+            (
+                br#"{"pool":"default","pool":"spin"}"#,
+                "duplicate key \"pool\"",
+            ),
+            (br#"{"count":1,"count":100}"#, "duplicate key"),
+            (br#"{"x":{"a":1,"a":2}}"#, "duplicate key"),
+            (br#"{"x":[{"a":1,"a":2}]}"#, "duplicate key"),
+            (b"\xEF\xBB\xBF{}", "not valid JSON"),
+            (b"{\"user\":\"\xff\"}", "not valid JSON"),
+            (br#"{} {}"#, "not valid JSON"),
+            (br#"{}x"#, "not valid JSON"),
+            (br#"{"count":1.0}"#, "from 1 to 100"),
+            (br#"{"count":1e0}"#, "from 1 to 100"),
+            (br#"{"count":-0}"#, "from 1 to 100"),
+            (br#"{"count":18446744073709551617}"#, "from 1 to 100"),
+            (br#"{"count":1e400}"#, "not valid JSON"),
+            (br#"{"user":"a\u0000b"}"#, "control character"),
+            (br#"{"user":"line\nforged log line"}"#, "control character"),
+            (br#"{"user":"\ud800"}"#, "not valid JSON"),
+            (br#"{"user":"\udc00x"}"#, "not valid JSON"),
+            (b"{\"user\":\"a\x00b\"}", "not valid JSON"),
+            (b"\x1f\x8b\x08\x00\x00\x00\x00\x00", "not valid JSON"),
+        ];
+        for (body, want) in cases {
+            let err = parse_request(body, "default", |p| p == "default" || p == "spin")
+                .expect_err(&String::from_utf8_lossy(body));
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let deep = format!(r#"{{"x":{deep}}}"#);
+        assert!(parse(&deep).unwrap_err().contains("recursion limit"));
+        // Still fine: a surrogate pair, trailing whitespace, unicode users, the same key in
+        // two different objects.
+        assert_eq!(
+            parse(r#"{"user":"\ud83d\ude00"}"#).unwrap().user,
+            "\u{1F600}"
+        );
+        assert!(parse("{} \n").is_ok());
+        assert!(parse(r#"{"a":{"k":1},"b":{"k":1}}"#).is_ok());
+    }
+
+    const OWN: [&str; 3] = ["rq", "res", "dead"];
+
+    fn props<'a>() -> RequestProps<'a> {
+        RequestProps::default()
+    }
+
+    /// Properties that would make the worker act on its own messages, or read a request in
+    /// more than one way, are rejected; replies never go to the worker's own queues.
+    #[test]
+    fn hostile_properties_are_rejected() {
+        let cases: Vec<(RequestProps, &str)> = vec![
+            (
+                RequestProps {
+                    reply_to: Some("rq"),
+                    ..props()
+                },
+                "own queues",
+            ),
+            (
+                RequestProps {
+                    reply_to: Some("res"),
+                    ..props()
+                },
+                "own queues",
+            ),
+            (
+                RequestProps {
+                    reply_to: Some("dead"),
+                    ..props()
+                },
+                "own queues",
+            ),
+            (
+                RequestProps {
+                    reply_to: Some("q-\u{FFFD}"),
+                    ..props()
+                },
+                "UTF-8",
+            ),
+            (
+                RequestProps {
+                    correlation_id: Some("c-\u{FFFD}"),
+                    ..props()
+                },
+                "UTF-8",
+            ),
+            (
+                RequestProps {
+                    message_id: Some(""),
+                    ..props()
+                },
+                "empty",
+            ),
+            (
+                RequestProps {
+                    message_id: Some("m-\u{FFFD}"),
+                    ..props()
+                },
+                "UTF-8",
+            ),
+            (
+                RequestProps {
+                    kind: Some("result"),
+                    ..props()
+                },
+                "own messages",
+            ),
+            (
+                RequestProps {
+                    kind: Some("accepted"),
+                    ..props()
+                },
+                "own messages",
+            ),
+            (
+                RequestProps {
+                    kind: Some("rejected"),
+                    ..props()
+                },
+                "own messages",
+            ),
+            (
+                RequestProps {
+                    kind: Some("admin_result"),
+                    ..props()
+                },
+                "own messages",
+            ),
+            (
+                RequestProps {
+                    content_encoding: Some("gzip"),
+                    ..props()
+                },
+                "content_encoding",
+            ),
+            (
+                RequestProps {
+                    content_encoding: Some("deflate"),
+                    ..props()
+                },
+                "content_encoding",
+            ),
+            (
+                RequestProps {
+                    content_type: Some("application/json; charset=utf-16"),
+                    ..props()
+                },
+                "charset",
+            ),
+            (
+                RequestProps {
+                    content_type: Some("text/plain;charset=\"latin1\""),
+                    ..props()
+                },
+                "charset",
+            ),
+        ];
+        for (p, want) in cases {
+            let err = check_properties(&p, &OWN).expect_err(&format!("{p:?}"));
+            assert!(err.contains(want), "{p:?}: {err}");
+        }
+        for ok in [
+            props(),
+            RequestProps {
+                reply_to: Some(""),
+                ..props()
+            },
+            RequestProps {
+                reply_to: Some("amq.rabbitmq.reply-to"),
+                ..props()
+            },
+            RequestProps {
+                kind: Some("draw"),
+                ..props()
+            },
+            RequestProps {
+                content_encoding: Some("identity"),
+                ..props()
+            },
+            RequestProps {
+                content_type: Some("application/json; charset=UTF-8"),
+                ..props()
+            },
+            RequestProps {
+                content_type: Some("application/json"),
+                ..props()
+            },
+        ] {
+            assert_eq!(check_properties(&ok, &OWN), Ok(()), "{ok:?}");
+        }
+        assert!(!reply_allowed("rq", &OWN));
+        assert!(!reply_allowed("res", &OWN));
+        assert!(!reply_allowed("x\u{FFFD}", &OWN));
+        assert!(!reply_allowed("", &OWN));
+        assert!(reply_allowed("my-replies", &OWN));
     }
 
     proptest::proptest! {

@@ -31,6 +31,9 @@ pub struct Session {
     pub cfg: Arc<AmqpConfig>,
     acks: Mutex<AckTracker>,
     broken: watch::Sender<Option<String>>,
+    /// `Some(reason)` while the broker blocks this connection (connection.blocked: a memory or
+    /// disk alarm). Read it with [`Session::blocked`] (readiness shows "blocked").
+    blocked: watch::Sender<Option<String>>,
 }
 
 impl Session {
@@ -42,6 +45,44 @@ impl Session {
             cfg,
             acks: Mutex::new(AckTracker::new()),
             broken: watch::channel(None).0,
+            blocked: watch::channel(None).0,
+        }
+    }
+
+    /// The broker's reason while it blocks this connection's publishes (resource alarm).
+    pub fn blocked(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Records connection.blocked / connection.unblocked (from the connection's events).
+    pub fn set_blocked(&self, reason: Option<String>) {
+        self.blocked.send_replace(reason);
+    }
+
+    /// Awaits `fut` under the operation timeout, which does not count while the broker blocks
+    /// the connection: a blocked broker (memory or disk alarm) is waiting, not lost. The wait
+    /// stays bounded by the shutdown deadline (worker::run_until) once the worker stops.
+    /// `None` when the timeout passed with the broker not blocking.
+    pub async fn unless_blocked<T>(&self, fut: impl std::future::Future<Output = T>) -> Option<T> {
+        let op = std::time::Duration::from_millis(self.op_ms());
+        let mut rx = self.blocked.subscribe();
+        tokio::pin!(fut);
+        loop {
+            rx.mark_unchanged();
+            tokio::select! {
+                v = &mut fut => return Some(v),
+                _ = tokio::time::sleep(op) => {}
+            }
+            // Blocked now, or blocked and unblocked meanwhile: the timeout starts again.
+            if rx.borrow().is_none() && !rx.has_changed().unwrap_or(false) {
+                return None;
+            }
+            if rx.borrow().is_some() {
+                tokio::select! {
+                    v = &mut fut => return Some(v),
+                    _ = rx.wait_for(|b| b.is_none()) => {}
+                }
+            }
         }
     }
 
@@ -86,18 +127,24 @@ impl Session {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<PublisherConfirm, AmqpError> {
-        timed(
-            "basic.publish",
-            self.op_ms(),
-            self.publish.basic_publish(
-                "".into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                props,
-            ),
-        )
-        .await
+        let publish = self.publish.basic_publish(
+            "".into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        );
+        match self.unless_blocked(publish).await {
+            None => Err(AmqpError::Timeout {
+                what: "basic.publish",
+                ms: self.op_ms(),
+            }),
+            Some(Err(error)) => Err(AmqpError::Broker {
+                what: "basic.publish",
+                error,
+            }),
+            Some(Ok(confirm)) => Ok(confirm),
+        }
     }
 
     /// Rejects without requeue (dead-letters) and records the tag as settled.

@@ -16,7 +16,6 @@ use crate::session::{Session, Ticket, result_properties};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 /// Publish groups whose confirms may be outstanding at once (prefetch bounds the requests).
@@ -139,7 +138,6 @@ async fn publish_batch(
         }
         pending.push((c.ticket.delivery_tag, confirms));
     }
-    let timeout = Duration::from_millis(session.cfg.operation_timeout_ms);
     async move {
         // All of the batch's confirms under one deadline, abandoned at once if the session
         // fails: batches settle in order, so a dead session's batch must never hold up the
@@ -152,9 +150,10 @@ async fn publish_batch(
                 )
             }));
         let out = tokio::select! {
-            out = tokio::time::timeout(timeout, all) => match out {
-                Ok(out) => out,
-                Err(_) => {
+            // The timeout does not run while the broker blocks the connection (alarm).
+            out = session.unless_blocked(all) => match out {
+                Some(out) => out,
+                None => {
                     session.fail("publisher confirms timed out".into());
                     Vec::new()
                 }

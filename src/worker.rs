@@ -12,7 +12,9 @@
 //! window and the settler live across sessions. There is one shutdown path: the signal stops
 //! ingest (consumer cancelled), the engine is closed and drains, the settler publishes and acks
 //! everything accepted, unaccepted deliveries are nacked back to the queue, the engine writes
-//! its final snapshot, and the process exits 0 — all within `amqp.shutdown_deadline_ms`.
+//! its final snapshot, and the process exits 0 — all within `amqp.shutdown_deadline_ms`, which
+//! bounds the whole path (past it the worker exits non-zero; the broker redelivers what was not
+//! acked). A broker error no reconnect can fix and a storage failure take the same path.
 
 use crate::admission::Admission;
 use crate::amqp::{self, AmqpError, Link};
@@ -32,13 +34,22 @@ use tokio::sync::watch;
 /// A session that lasted this long counts as healthy: its failure restarts the backoff.
 const SESSION_HEALTHY: Duration = Duration::from_secs(30);
 
+/// After a lost session, how long the worker keeps trying to take its request-queue lock back
+/// before it stops: the broker frees the old connection's lock only once it notices that
+/// connection is gone (at once on a clean close, after missed heartbeats on a network failure).
+const LOCK_REGAIN_MAX: Duration = Duration::from_secs(180);
+
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("rp-async")
         .build()?;
-    runtime.block_on(run_async(config))
+    let result = runtime.block_on(run_async(config));
+    // After a passed shutdown deadline a blocking task (the engine join) may still run: do not
+    // wait for it, the process is exiting.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
 /// Connects, declares and starts consuming: one session, or the error that prevented it.
@@ -47,15 +58,56 @@ async fn open_session(
     epoch: u64,
 ) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
+    // Listened to from the start: a connection.blocked can come at any time.
+    let events = link.connection.events_listener();
     amqp::declare(&link, cfg).await?;
+    // The broker lock on the request queue, before consuming, on every session.
+    amqp::take_lock(
+        &link.lock,
+        "request queue",
+        &cfg.request_queue,
+        cfg.operation_timeout_ms,
+    )
+    .await?;
     let session = Arc::new(Session::new(
         epoch,
         link.consume.clone(),
         link.publish.clone(),
         cfg.clone(),
     ));
+    tokio::spawn(watch_events(Arc::downgrade(&session), events));
     let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
     Ok((link, session, consumer))
+}
+
+/// Drains the connection's events (lapin queues them unbounded): connection.blocked and
+/// unblocked (a broker memory or disk alarm) are logged and recorded on the session, whose
+/// publishes and confirms then wait instead of timing out as a lost connection. Ends with the
+/// session.
+async fn watch_events(
+    session: std::sync::Weak<Session>,
+    mut events: impl futures::Stream<Item = lapin::Event> + Unpin,
+) {
+    use futures::StreamExt;
+    loop {
+        let Some(s) = session.upgrade() else { return };
+        let next = tokio::select! {
+            e = events.next() => e,
+            _ = s.broken() => return,
+        };
+        match next {
+            None => return,
+            Some(lapin::Event::ConnectionBlocked(reason)) => {
+                tracing::warn!(epoch = s.epoch, %reason, "the broker blocks publishing (resource alarm: memory or disk); results wait until it unblocks");
+                s.set_blocked(Some(reason));
+            }
+            Some(lapin::Event::ConnectionUnblocked) => {
+                tracing::info!(epoch = s.epoch, "the broker unblocked publishing");
+                s.set_blocked(None);
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 async fn close_link(link: &Link, cfg: &AmqpConfig) {
@@ -74,9 +126,39 @@ pub async fn run_async(config: Config) -> anyhow::Result<ExitCode> {
 
 /// Runs the worker until `stop` turns true (used by `run_async` with the signal listener, and
 /// by benchmarks and tests that embed the worker).
-pub async fn run_until(
+///
+/// `amqp.shutdown_deadline_ms` bounds the whole shutdown, from the signal (or from the moment
+/// the worker decides to stop on its own: storage failure, broker error no reconnect can fix)
+/// to the end: settling, returning unaccepted deliveries, closing the connection, joining the
+/// engine. When it passes, the rest is dropped and the worker fails; deliveries not acked go
+/// back to the queue when the connection ends, and the broker redelivers them.
+pub async fn run_until(config: Config, stop: watch::Receiver<bool>) -> anyhow::Result<ExitCode> {
+    let deadline_ms = config.amqp.shutdown_deadline_ms;
+    let (stopping_tx, mut stopping) = watch::channel(false);
+    let mut signalled = stop.clone();
+    let limit = async move {
+        tokio::select! {
+            Ok(_) = signalled.wait_for(|s| *s) => {}
+            Ok(_) = stopping.wait_for(|s| *s) => {}
+            else => std::future::pending::<()>().await,
+        }
+        tokio::time::sleep(Duration::from_millis(deadline_ms)).await;
+    };
+    tokio::select! {
+        result = run_inner(config, stop, stopping_tx) => result,
+        () = limit => {
+            tracing::error!(deadline_ms, "shutdown deadline passed before the shutdown finished; deliveries not acked go back to the queue and are redelivered");
+            anyhow::bail!(
+                "shutdown deadline passed ({deadline_ms} ms, amqp.shutdown_deadline_ms): requests not acked yet are redelivered by the broker"
+            )
+        }
+    }
+}
+
+async fn run_inner(
     config: Config,
     mut stop: watch::Receiver<bool>,
+    stopping: watch::Sender<bool>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = Arc::new(config.amqp.clone());
     tracing::info!(data_dir = %config.storage.data_dir.display(), "recovering");
@@ -119,7 +201,10 @@ pub async fn run_until(
     let mut backoff = backoff_min;
     let mut epoch = 0u64;
     let mut engine_failed = false;
+    let mut fatal: Option<AmqpError> = None;
     let mut last_session: Option<(Link, Arc<Session>)> = None;
+    // Set when a session was lost: the lock must be taken back (bounded by LOCK_REGAIN_MAX).
+    let mut lost_at: Option<std::time::Instant> = None;
     tracing::info!(url = %cfg.url_redacted(), queue = %cfg.request_queue, "connecting to the broker");
     loop {
         if *stop.borrow() {
@@ -132,16 +217,35 @@ pub async fn run_until(
         epoch += 1;
         let (link, session, consumer) = match open_session(&cfg, epoch).await {
             Ok(v) => v,
+            Err(AmqpError::LockHeld(held))
+                if lost_at.is_some_and(|t| t.elapsed() < LOCK_REGAIN_MAX) =>
+            {
+                tracing::warn!(error = %held, retry_in_ms = backoff.as_millis() as u64,
+                    "broker lock not free yet after a lost session (the broker may not have noticed the old connection is gone); not consuming, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                    _ = engine_stopped.wait_for(|s| *s) => {}
+                }
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
             Err(e) if e.is_permanent() => {
+                // A lock held by another worker is permanent too, also after a reconnect: that
+                // worker consumes now, and this one stops rather than wait to take over with
+                // its own copy of the pools (its accepted requests were settled or return).
                 tracing::error!(error = %e, "cannot use the broker's queues or exchange");
-                drop(admission);
-                engine.close();
-                let _ = settler.await;
-                let _ = tokio::task::spawn_blocking(move || engine.join()).await;
-                return Err(e.into());
+                fatal = Some(e);
+                break;
             }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
+                // Refused credentials and certificate problems need an operator: ERROR, with
+                // the same backoff (a broker-side fix is picked up without a restart).
+                if matches!(e, AmqpError::AuthRefused(_) | AmqpError::Certificate(_)) {
+                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot log in to the broker; retrying");
+                } else {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "broker unavailable; reconnecting");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.wait_for(|s| *s) => {}
@@ -183,6 +287,7 @@ pub async fn run_until(
                 }
                 tracing::warn!(%reason, epoch, retry_in_ms = backoff.as_millis() as u64, "broker session lost; reconnecting");
                 session.fail(reason);
+                lost_at = Some(std::time::Instant::now());
                 let _ = current_tx.send(None);
                 close_link(&link, &cfg).await;
                 tokio::select! {
@@ -195,28 +300,21 @@ pub async fn run_until(
         }
     }
 
-    // The one shutdown path.
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.shutdown_deadline_ms);
+    // The one shutdown path, bounded as a whole by run_until.
+    let _ = stopping.send(true);
     drop(admission);
     engine.close();
-    let settled = tokio::time::timeout_at(deadline, settler).await;
     let mut clean = true;
-    match settled {
-        Ok(Ok(stats)) => tracing::info!(
+    match settler.await {
+        Ok(stats) => tracing::info!(
             acked = stats.acked,
             requeued = stats.requeued,
             dropped_stale = stats.dropped_stale,
             "results settled"
         ),
-        Ok(Err(e)) => {
+        Err(e) => {
             clean = false;
             tracing::error!(error = %e, "settler failed");
-        }
-        Err(_) => {
-            clean = false;
-            tracing::error!(
-                "shutdown deadline passed before every accepted request was acked; they will be redelivered"
-            );
         }
     }
     if let Some((link, session)) = last_session {
@@ -228,6 +326,9 @@ pub async fn run_until(
     let joined = tokio::task::spawn_blocking(move || engine.join()).await?;
     if let Err(e) = joined {
         tracing::error!(error = %e, "engine stopped with an error");
+        return Err(e.into());
+    }
+    if let Some(e) = fatal {
         return Err(e.into());
     }
     if engine_failed {
