@@ -1,7 +1,7 @@
 //! The `rewardpool` binary: command line, logging, exit codes.
 
 use clap::{Args, Parser, Subcommand};
-use rewardpool::config::Config;
+use rewardpool::config::{Config, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -55,6 +55,18 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// A live terminal view of a running worker, read from its /metrics.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// TOML configuration file (for the default URL, from metrics.listen).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The worker's metrics URL, e.g. http://127.0.0.1:9464/metrics.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
 }
 
 #[derive(Args)]
@@ -102,18 +114,61 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn init_logging() {
+/// Default filter: info, and lapin's own lines at every reconnect (three ERRORs and a
+/// "backoff attempts exhausted" about a recovery the worker does not use) turned off, since the
+/// supervisor logs one WARN with the reason. `RUST_LOG` replaces it whole.
+const DEFAULT_LOG_FILTER: &str = "info,lapin=off,amq_protocol=off";
+
+/// Logs to stderr: text (colour only on a terminal) or one JSON object a line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// `log.format` of the config the command will read; text when the config cannot be read
+/// (the command itself then reports the error).
+fn log_format(cli: &Cli) -> LogFormat {
+    let common = match &cli.command {
+        Command::Run(c) | Command::Inspect(c) => Some(c),
+        Command::Wal {
+            command: WalCommand::Dump(c),
+        } => Some(c),
+        Command::Drill { common, .. } => Some(common),
+        Command::Bench(b) => {
+            return Config::load(b.config.as_deref())
+                .map(|c| c.log.format)
+                .unwrap_or_default();
+        }
+        Command::Top(t) => {
+            return Config::load(t.config.as_deref())
+                .map(|c| c.log.format)
+                .unwrap_or_default();
+        }
+    };
+    common
+        .and_then(|c| Config::load(c.config.as_deref()).ok())
+        .map(|c| c.log.format)
+        .unwrap_or_default()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(log_format(&cli));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -163,6 +218,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     idle_timeout: std::time::Duration::from_secs(args.timeout),
                 },
             )
+        }
+        Command::Top(args) => {
+            let url = match args.url {
+                Some(url) => url,
+                None => {
+                    let config = Config::load(args.config.as_deref())?;
+                    if config.metrics.listen.is_empty() {
+                        anyhow::bail!(
+                            "metrics.listen is \"\" (off): give the worker's metrics URL with --url"
+                        );
+                    }
+                    format!("http://{}/metrics", config.metrics.listen)
+                }
+            };
+            rewardpool::top::run(&url)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Drill {
             common,

@@ -282,6 +282,9 @@ impl Setup {
             t.push_str(line);
             t.push('\n');
         }
+        // Two workers run at once: no metrics listener unless a test asks for one
+        // (REWARDPOOL__METRICS__LISTEN overrides this).
+        t.push_str("\n[metrics]\nlisten = \"\"\n");
         for p in &c.pools {
             t.push_str(&format!(
                 "\n[[pools]]\nid = {}\nmode = \"by_quantity\"\nitems = [\n",

@@ -40,6 +40,8 @@ snapshot_every_records = 300
 segment_bytes_max = 16384
 id_block_size = 500
 {extra_storage}
+[metrics]
+listen = ""
 {POOLS_TOML}
 "#,
         data_dir.display()
