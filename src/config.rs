@@ -1400,9 +1400,7 @@ impl<'a> KeyRef<'a> {
             }
         }
         match key.split_once('.') {
-            Some((table, field))
-                if ["amqp", "storage", "metrics", "log"].contains(&table) =>
-            {
+            Some((table, field)) if ["amqp", "storage", "metrics", "log"].contains(&table) => {
                 KeyRef::Section { table, field }
             }
             _ => KeyRef::Top(key.split(['.', '[']).next().unwrap_or(key)),

@@ -21,15 +21,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 type Labels = Vec<(String, String)>;
 
+/// The contract's admin ops: their `rewardpool_admin_commands_total` series exist from start.
+pub const ADMIN_OPS: [&str; 7] = [
+    "restock",
+    "set_quantity",
+    "set_weight",
+    "add_item",
+    "add_pool",
+    "close_pool",
+    "open_pool",
+];
+
 /// WAL fsync latency buckets, seconds: 50 µs … 2.5 s.
 pub const FSYNC_BUCKETS_SECONDS: [f64; 15] = [
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
 ];
 /// Request stage latency buckets, seconds: 1 ms … 10 s.
 pub const STAGE_BUCKETS_SECONDS: [f64; 14] = [
@@ -148,6 +159,14 @@ impl Metrics {
             stock_stocked.clone(),
         );
         let admin_commands = Family::<Labels, Counter>::default();
+        for op in ADMIN_OPS {
+            for outcome in ["applied", "rejected"] {
+                drop(admin_commands.get_or_create(&vec![
+                    ("op".into(), op.into()),
+                    ("outcome".into(), outcome.into()),
+                ]));
+            }
+        }
         registry.register(
             "rewardpool_admin_commands",
             "Admin commands, by op and outcome",
@@ -196,10 +215,7 @@ impl Metrics {
         );
         let build = Family::<Labels, Gauge>::default();
         build
-            .get_or_create(&vec![(
-                "version".into(),
-                env!("CARGO_PKG_VERSION").into(),
-            )])
+            .get_or_create(&vec![("version".into(), env!("CARGO_PKG_VERSION").into())])
             .set(1);
         registry.register("rewardpool_build_info", "Always 1", build);
         Metrics {
@@ -306,8 +322,7 @@ impl Metrics {
             }
         }
         self.ready.set(i64::from(r == Readiness::Ready));
-        self.broker_connected
-            .set(i64::from(r == Readiness::Ready));
+        self.broker_connected.set(i64::from(r == Readiness::Ready));
     }
 
     /// The engine stopped on a storage error: `/healthz` answers 503 from now on.
@@ -333,12 +348,15 @@ fn pool_item(pool: &str, item: &str) -> Labels {
     vec![("pool".into(), pool.into()), ("item".into(), item.into())]
 }
 
+/// An item's drawn counter and (limited items) stock gauge.
+type ItemHandles = (Counter, Option<Gauge>);
+
 /// Per-item handles cached by the settler: after the first draw of an item, counting it is
 /// one hash lookup (by `&str`, no allocation) and atomic adds.
 pub struct DrawCounters {
     metrics: Arc<Metrics>,
-    items: HashMap<Arc<str>, HashMap<Arc<str>, (Counter, Option<Gauge>)>>,
-    results: HashMap<Arc<str>, [Counter; 2]>,
+    items: HashMap<Arc<str>, HashMap<Arc<str>, ItemHandles>>,
+    results: HashMap<Arc<str>, Vec<(&'static str, Counter)>>,
 }
 
 impl DrawCounters {
@@ -355,11 +373,7 @@ impl DrawCounters {
                     // First draw of this item since start (or an item added later).
                     let labels = pool_item(&outcome.pool, item);
                     let drawn = self.metrics.items_drawn.get_or_create_owned(&labels);
-                    let stock = self
-                        .metrics
-                        .stock_remaining
-                        .get(&labels)
-                        .map(|g| g.clone());
+                    let stock = self.metrics.stock_remaining.get(&labels).map(|g| g.clone());
                     pool.entry(item.clone()).or_insert((drawn, stock))
                 }
             };
@@ -372,19 +386,21 @@ impl DrawCounters {
 
     /// A result published (draws and repeats alike).
     pub fn result(&mut self, outcome: &Outcome) {
-        let slot = usize::from(outcome.items.is_empty());
-        if let Some(counters) = self.results.get(&*outcome.pool) {
-            counters[slot].inc();
+        let status = outcome.status();
+        let counters = match self.results.get_mut(&*outcome.pool) {
+            Some(c) => c,
+            None => self.results.entry(outcome.pool.clone()).or_default(),
+        };
+        if let Some((_, counter)) = counters.iter().find(|(s, _)| *s == status) {
+            counter.inc();
             return;
         }
-        let status = |s: &str| {
-            self.metrics.results.get_or_create_owned(&vec![
-                ("pool".into(), outcome.pool.to_string()),
-                ("status".into(), s.into()),
-            ])
-        };
-        let counters = [status("won"), status("empty")];
-        counters[slot].inc();
-        self.results.insert(outcome.pool.clone(), counters);
+        // First result of this status for this pool since start.
+        let counter = self.metrics.results.get_or_create_owned(&vec![
+            ("pool".into(), outcome.pool.to_string()),
+            ("status".into(), status.into()),
+        ]);
+        counter.inc();
+        counters.push((status, counter));
     }
 }

@@ -32,7 +32,9 @@ pub const CLIENT_BODY_BYTES_MAX: usize = 64 << 20;
 /// Binds `metrics.listen`; the error names the key and the address.
 pub async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(listen).await.map_err(|e| {
-        anyhow::anyhow!("metrics.listen = {listen:?}: cannot listen for HTTP (/metrics, /healthz, /readyz): {e}")
+        anyhow::anyhow!(
+            "metrics.listen = {listen:?}: cannot listen for HTTP (/metrics, /healthz, /readyz): {e}"
+        )
     })
 }
 
@@ -83,11 +85,7 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 fn respond(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            PLAIN,
-            "GET only\n".into(),
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "GET only\n".into());
     }
     match req.uri().path() {
         "/metrics" => text(

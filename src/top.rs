@@ -138,7 +138,10 @@ pub fn render(url: &str, prev: Option<(&Sample, Instant)>, now: (&Sample, Instan
     let (rate, dt) = match prev {
         Some((p, t)) => {
             let dt = at.duration_since(t).as_secs_f64().max(1e-3);
-            (Some((cur.drawn_total - p.drawn_total).max(0.0) / dt), Some(p))
+            (
+                Some((cur.drawn_total - p.drawn_total).max(0.0) / dt),
+                Some(p),
+            )
         }
         None => (None, None),
     };
@@ -157,7 +160,11 @@ pub fn render(url: &str, prev: Option<(&Sample, Instant)>, now: (&Sample, Instan
     });
     lines.push(format!(
         "broker {}  ready {}  in-flight {}  last request id {}  reconnects {}",
-        if cur.connected >= 1.0 { "connected" } else { "DISCONNECTED" },
+        if cur.connected >= 1.0 {
+            "connected"
+        } else {
+            "DISCONNECTED"
+        },
         if cur.ready >= 1.0 { "yes" } else { "no" },
         cur.inflight,
         cur.last_request_id,
@@ -178,9 +185,7 @@ pub fn render(url: &str, prev: Option<(&Sample, Instant)>, now: (&Sample, Instan
         "pool", "item", "stock", "left", "added", "drawn"
     ));
     for ((pool, item), row) in &cur.items {
-        let added = row
-            .stocked
-            .or(row.remaining.map(|r| r + row.drawn));
+        let added = row.stocked.or(row.remaining.map(|r| r + row.drawn));
         let (bar, left, added_text) = match (row.remaining, added) {
             (Some(left), Some(added)) => {
                 let width = 20usize;
@@ -219,19 +224,22 @@ pub fn run(url: &str) -> anyhow::Result<()> {
             let lines = match runtime.block_on(http_get(url, SCRAPE_TIMEOUT)) {
                 Ok((200, body)) => match parse(&body) {
                     Ok(sample) => {
-                        let lines =
-                            render(url, prev.as_ref().map(|(s, t)| (s, *t)), (&sample, at));
+                        let lines = render(url, prev.as_ref().map(|(s, t)| (s, *t)), (&sample, at));
                         prev = Some((sample, at));
                         lines
                     }
                     Err(e) => vec![format!("{url}: not a metrics page ({e}); retrying")],
                 },
                 Ok((status, _)) => vec![format!("{url}: HTTP {status}; retrying every second")],
-                Err(e) => vec![format!("cannot reach the worker: {e:#}; retrying every second")],
+                Err(e) => vec![format!(
+                    "cannot reach the worker: {e:#}; retrying every second"
+                )],
             };
             terminal.draw(|frame| {
-                let text: Vec<ratatui::text::Line> =
-                    lines.iter().map(|l| ratatui::text::Line::raw(l.as_str())).collect();
+                let text: Vec<ratatui::text::Line> = lines
+                    .iter()
+                    .map(|l| ratatui::text::Line::raw(l.as_str()))
+                    .collect();
                 frame.render_widget(ratatui::widgets::Paragraph::new(text), frame.area());
             })?;
             let deadline = at + REFRESH;
@@ -270,8 +278,7 @@ mod tests {
     fn a_metrics_page_renders_stock_bars() {
         let m = std::sync::Arc::new(crate::metrics::Metrics::new());
         m.inflight.set(3);
-        let body = m.encode()
-            + ""; // a page with no pool yet still parses
+        let body = m.encode() + ""; // a page with no pool yet still parses
         let s = parse(&body).unwrap();
         assert_eq!(s.inflight, 3.0);
         let mut s2 = s.clone();

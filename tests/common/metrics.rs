@@ -52,7 +52,7 @@ pub fn sum(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) ->
 /// Waits until `/readyz` answers `status` (fails after `timeout`); returns its body.
 pub async fn wait_readyz(addr: &str, status: u16, timeout: Duration) -> String {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::new();
+    let mut last: String;
     loop {
         match http(addr, "/readyz").await {
             Ok((s, body)) if s == status => return body,
