@@ -240,7 +240,11 @@ pub fn run(url: &str) -> anyhow::Result<()> {
                     .iter()
                     .map(|l| ratatui::text::Line::raw(l.as_str()))
                     .collect();
-                frame.render_widget(ratatui::widgets::Paragraph::new(text), frame.area());
+                frame.render_widget(
+                    ratatui::widgets::Paragraph::new(text)
+                        .wrap(ratatui::widgets::Wrap { trim: false }),
+                    frame.area(),
+                );
             })?;
             let deadline = at + REFRESH;
             while let Some(left) = deadline.checked_duration_since(Instant::now()) {
