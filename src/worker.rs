@@ -124,7 +124,12 @@ pub async fn run_until(
     let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
     let settle_metrics = metrics.clone();
     let settler = tokio::spawn(async move {
-        let stats = settle::run(committed, current_rx, settle_metrics).await;
+        let stats = settle::run(committed, current_rx, settle_metrics.clone()).await;
+        // The committed stream ends before shutdown only when the engine's writer stopped on
+        // a storage error: /healthz says so from here until the process exits.
+        if settle_metrics.readiness() != Readiness::ShuttingDown {
+            settle_metrics.set_storage_failed();
+        }
         let _ = engine_stopped_tx.send(true);
         stats
     });
