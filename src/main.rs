@@ -114,16 +114,35 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Default filter: info, and lapin's own lines at every reconnect (three ERRORs and a
-/// "backoff attempts exhausted" about a recovery the worker does not use) turned off, since the
-/// supervisor logs one WARN with the reason. `RUST_LOG` replaces it whole.
-const DEFAULT_LOG_FILTER: &str = "info,lapin=off,amq_protocol=off";
+/// Level when `RUST_LOG` is unset.
+const DEFAULT_LOG_LEVEL: &str = "info";
+/// lapin's own lines at every lost connection (three ERRORs, and "Exponential backoff attempts
+/// exhausted" about a recovery the worker does not use) are off: the supervisor logs one WARN
+/// with the reason. A `RUST_LOG` that names one of these targets decides for itself.
+const QUIET_TARGETS: [&str; 2] = ["lapin", "amq_protocol"];
+
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = if env.trim().is_empty() {
+        tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL)
+    } else {
+        tracing_subscriber::EnvFilter::try_new(&env)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL))
+    };
+    for target in QUIET_TARGETS {
+        if !env.contains(target)
+            && let Ok(directive) = format!("{target}=off").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
 
 /// Logs to stderr: text (colour only on a terminal) or one JSON object a line.
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = log_filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
