@@ -64,7 +64,9 @@ pub const MAX_SEGMENT_BYTES: u64 = 1 << 32;
 /// Largest `storage.id_block_size`.
 pub const MAX_ID_BLOCK_SIZE: u64 = 1 << 32;
 
-const TOP_KEYS: &[&str] = &["amqp", "storage", "pools"];
+const TOP_KEYS: &[&str] = &["amqp", "storage", "pools", "metrics", "log"];
+const METRICS_KEYS: &[&str] = &["listen"];
+const LOG_KEYS: &[&str] = &["format"];
 const AMQP_KEYS: &[&str] = &[
     "url",
     "request_queue",
@@ -107,6 +109,42 @@ pub struct Config {
     /// From the file only when a file is given; the built-in pool otherwise.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[metrics]`: the HTTP listener for /metrics, /healthz and /readyz.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port`; "" = off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".to_owned(),
+        }
+    }
+}
+
+/// `[log]`: how log lines are written to stderr.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `log.format`: `text` (no colour unless stderr is a terminal) or `json` (one object a line).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[amqp]`: broker connection and broker objects.
@@ -471,6 +509,8 @@ impl Config {
             amqp: AmqpConfig::default(),
             storage: StorageConfig::default(),
             pools: builtin_pools(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
         }
     }
 
@@ -1163,6 +1203,14 @@ fn classify_env(env: &[(String, String)]) -> Result<Vec<EnvVar>, ConfigError> {
                 (format!("storage.{field}"), EnvTarget::Section)
             }
             ["storage", field] => return Err(unknown(format!("storage.{field}"), STORAGE_KEYS)),
+            ["metrics", field] if METRICS_KEYS.contains(field) => {
+                (format!("metrics.{field}"), EnvTarget::Section)
+            }
+            ["metrics", field] => return Err(unknown(format!("metrics.{field}"), METRICS_KEYS)),
+            ["log", field] if LOG_KEYS.contains(field) => {
+                (format!("log.{field}"), EnvTarget::Section)
+            }
+            ["log", field] => return Err(unknown(format!("log.{field}"), LOG_KEYS)),
             ["pools", pool, field] if index(pool).is_some() && ["id", "mode"].contains(field) => {
                 let pool = index(pool).unwrap_or_default();
                 (
@@ -1366,7 +1414,7 @@ impl<'a> KeyRef<'a> {
             }
         }
         match key.split_once('.') {
-            Some((table, field)) if table == "amqp" || table == "storage" => {
+            Some((table, field)) if ["amqp", "storage", "metrics", "log"].contains(&table) => {
                 KeyRef::Section { table, field }
             }
             _ => KeyRef::Top(key.split(['.', '[']).next().unwrap_or(key)),
@@ -1518,6 +1566,8 @@ impl Ctx<'_> {
                 None => TOP_KEYS,
                 Some(KeyRef::Top("amqp")) => AMQP_KEYS,
                 Some(KeyRef::Top("storage")) => STORAGE_KEYS,
+                Some(KeyRef::Top("metrics")) => METRICS_KEYS,
+                Some(KeyRef::Top("log")) => LOG_KEYS,
                 Some(KeyRef::Pool { field: None, .. }) => POOL_KEYS,
                 Some(KeyRef::Item { field: None, .. }) => ITEM_KEYS,
                 Some(_) => &[],

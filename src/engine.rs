@@ -106,8 +106,10 @@ pub struct Committed<T> {
     pub completions: Vec<Completion<T>>,
 }
 
-/// Counters for benchmarks and logs.
-#[derive(Default, Debug)]
+/// Counters for benchmarks and logs; the two histograms are the worker's metrics series
+/// (`rewardpool_wal_fsync_duration_seconds`, `rewardpool_wal_batch_records`), observed once
+/// per fsync and once per batch, never per request.
+#[derive(Debug)]
 pub struct EngineStats {
     pub batches: AtomicU64,
     pub records: AtomicU64,
@@ -115,6 +117,23 @@ pub struct EngineStats {
     pub fsync_us_total: AtomicU64,
     pub fsync_us_max: AtomicU64,
     pub snapshots: AtomicU64,
+    pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub batch_records: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        EngineStats {
+            batches: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            fsyncs: AtomicU64::new(0),
+            fsync_us_total: AtomicU64::new(0),
+            fsync_us_max: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            fsync_seconds: crate::metrics::fsync_histogram(),
+            batch_records: crate::metrics::batch_records_histogram(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +389,7 @@ fn engine_loop<T>(
             stats
                 .records
                 .fetch_add(batch.records() as u64, Ordering::Relaxed);
+            stats.batch_records.observe(batch.records() as f64);
             Some(batch.finish(state.seq))
         };
         let mut image = None;
@@ -459,7 +479,9 @@ fn writer_loop<T>(
         if dirty {
             let started = Instant::now();
             segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-            let us = started.elapsed().as_micros() as u64;
+            let took = started.elapsed();
+            stats.fsync_seconds.observe(took.as_secs_f64());
+            let us = took.as_micros() as u64;
             stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             stats.fsync_us_total.fetch_add(us, Ordering::Relaxed);
             stats.fsync_us_max.fetch_max(us, Ordering::Relaxed);

@@ -16,6 +16,7 @@ use crate::admission::{Admission, Assigned, DrawSpec, EngineGone};
 use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
+use crate::metrics::Metrics;
 use crate::session::{Session, Ticket, reply_properties};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -64,6 +65,7 @@ pub async fn run(
     mut consumer: Consumer,
     admission: &mut Admission<Ticket>,
     pools: &Pools,
+    metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
     mut engine_stopped: watch::Receiver<bool>,
 ) -> IngestEnd {
@@ -83,7 +85,7 @@ pub async fn run(
                 None => break IngestEnd::Failed("the broker cancelled the consumer".into()),
                 Some(Err(e)) => break IngestEnd::Failed(format!("consumer: {e}")),
                 Some(Ok(delivery)) => {
-                    match handle(&session, admission, pools, delivery, &mut confirms).await {
+                    match handle(&session, admission, pools, metrics, delivery, &mut confirms).await {
                         Ok(()) => {}
                         Err(HandleError::EngineGone) => break IngestEnd::EngineGone,
                         Err(HandleError::Broker(e)) => break IngestEnd::Failed(e.to_string()),
@@ -133,9 +135,11 @@ async fn handle(
     session: &Session,
     admission: &mut Admission<Ticket>,
     pools: &Pools,
+    metrics: &Metrics,
     delivery: lapin::message::Delivery,
     confirms: &mut FuturesUnordered<PublisherConfirm>,
 ) -> Result<(), HandleError> {
+    let received = std::time::Instant::now();
     let tag = delivery.delivery_tag;
     let props = delivery.properties;
     let message_id = props.message_id().clone();
@@ -171,7 +175,14 @@ async fn handle(
     ) {
         Ok(admit) => admit,
         Err(reason) => {
-            tracing::info!(delivery_tag = tag, %reason, "request rejected to the dead-letter queue");
+            metrics.requests_rejected.inc();
+            tracing::info!(
+                message_id = mid.unwrap_or(""),
+                correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
+                delivery_tag = tag,
+                %reason,
+                "request rejected to the dead-letter queue"
+            );
             if let Some(reply_to) = &reply_to
                 && message::reply_allowed(reply_to.as_str(), &own_queues)
             {
@@ -190,9 +201,15 @@ async fn handle(
     };
 
     let (assigned, draw) = match admit {
-        Admit::Repeat(repeat) => (repeat, None),
+        Admit::Repeat(repeat) => {
+            metrics.requests_repeat.inc();
+            (repeat, None)
+        }
         Admit::New(request) => (
-            admission.assign_new(key).await?,
+            admission.assign_new(key).await.inspect(|a| {
+                metrics.requests_accepted.inc();
+                metrics.last_request_id.set(a.request_id as i64);
+            })?,
             Some(DrawSpec {
                 message_id: mid.map(str::to_string),
                 pool_index: pools.index[&request.pool],
@@ -213,6 +230,13 @@ async fn handle(
             Ok(c) => confirms.push(c),
             Err(e) => {
                 // The ID is handed out: submit anyway so ingest and engine windows stay in step.
+                tracing::warn!(
+                    message_id = mid.unwrap_or(""),
+                    correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
+                    request_id = assigned.request_id,
+                    error = %e,
+                    "accepted reply not sent; the session fails"
+                );
                 session.fail(format!("accepted reply: {e}"));
             }
         }
@@ -223,8 +247,13 @@ async fn handle(
         message_id,
         reply_to,
         correlation_id,
+        received,
     };
     admission.submit(assigned, draw, ticket).await?;
+    metrics.inflight.inc();
+    metrics
+        .stage_accepted
+        .observe(received.elapsed().as_secs_f64());
     Ok(())
 }
 

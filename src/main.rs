@@ -1,7 +1,7 @@
 //! The `rewardpool` binary: command line, logging, exit codes.
 
 use clap::{Args, Parser, Subcommand};
-use rewardpool::config::Config;
+use rewardpool::config::{Config, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -37,6 +37,18 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// A live terminal view of a running worker, read from its /metrics.
+    Top(TopArgs),
+}
+
+#[derive(Args)]
+struct TopArgs {
+    /// TOML configuration file (for the default URL, from metrics.listen).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The worker's metrics URL, e.g. http://127.0.0.1:9464/metrics.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -53,18 +65,72 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Level when `RUST_LOG` is unset.
+const DEFAULT_LOG_LEVEL: &str = "info";
+/// lapin's own lines at every lost connection (three ERRORs, and "Exponential backoff attempts
+/// exhausted" about a recovery the worker does not use) are off: the supervisor logs one WARN
+/// with the reason. A `RUST_LOG` that names one of these targets decides for itself.
+const QUIET_TARGETS: [&str; 2] = ["lapin", "amq_protocol"];
+
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let env = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = if env.trim().is_empty() {
+        tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL)
+    } else {
+        tracing_subscriber::EnvFilter::try_new(&env)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_LEVEL))
+    };
+    for target in QUIET_TARGETS {
+        if !env.contains(target)
+            && let Ok(directive) = format!("{target}=off").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
+/// Logs to stderr: text (colour only on a terminal) or one JSON object a line.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = log_filter();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// `log.format` of the config the command will read; text when the config cannot be read
+/// (the command itself then reports the error).
+fn log_format(cli: &Cli) -> LogFormat {
+    let common = match &cli.command {
+        Command::Run(c) | Command::Inspect(c) => Some(c),
+        Command::Wal {
+            command: WalCommand::Dump(c),
+        } => Some(c),
+        Command::Top(t) => {
+            return Config::load(t.config.as_deref())
+                .map(|c| c.log.format)
+                .unwrap_or_default();
+        }
+    };
+    common
+        .and_then(|c| Config::load(c.config.as_deref()).ok())
+        .map(|c| c.log.format)
+        .unwrap_or_default()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(log_format(&cli));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -98,6 +164,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &mut stdout.lock(),
                 &mut stderr.lock(),
             )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Top(args) => {
+            let url = match args.url {
+                Some(url) => url,
+                None => {
+                    let config = Config::load(args.config.as_deref())?;
+                    if config.metrics.listen.is_empty() {
+                        anyhow::bail!(
+                            "metrics.listen is \"\" (off): give the worker's metrics URL with --url"
+                        );
+                    }
+                    format!("http://{}/metrics", config.metrics.listen)
+                }
+            };
+            rewardpool::top::run(&url)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -22,6 +22,8 @@ pub struct Ticket {
     pub message_id: Option<ShortString>,
     pub reply_to: Option<ShortString>,
     pub correlation_id: Option<ShortString>,
+    /// When the delivery reached ingest: the request stage latencies are measured from it.
+    pub received: std::time::Instant,
 }
 
 pub struct Session {

@@ -12,6 +12,7 @@
 
 use crate::engine::Committed;
 use crate::message::result_body;
+use crate::metrics::{DrawCounters, Metrics};
 use crate::session::{Session, Ticket, result_properties};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
@@ -30,13 +31,17 @@ pub struct SettleStats {
     pub dropped_stale: u64,
 }
 
-type Settled = (Arc<Session>, Vec<(u64, Result<bool, String>)>);
+/// A delivery's ticket and what its result confirms said.
+type Confirmed = (Ticket, Result<bool, String>);
+type Settled = (Arc<Session>, Vec<Confirmed>);
 
 pub async fn run(
     mut committed: mpsc::Receiver<Committed<Ticket>>,
     current: watch::Receiver<Option<Arc<Session>>>,
+    metrics: Arc<Metrics>,
 ) -> SettleStats {
     let mut stats = SettleStats::default();
+    let mut counters = metrics.draw_counters();
     let mut in_flight = FuturesOrdered::new();
     let mut open = true;
     while open || !in_flight.is_empty() {
@@ -53,12 +58,26 @@ pub async fn run(
                                 Err(_) => break,
                             }
                         }
+                        // Durable: count the draws (whatever happens to their results).
+                        for c in &batch.completions {
+                            if !c.repeat {
+                                counters.drawn(&c.outcome);
+                            }
+                            metrics
+                                .stage_durable
+                                .observe(c.ticket.received.elapsed().as_secs_f64());
+                        }
                         let session = current.borrow().clone();
                         match session {
                             Some(session) if !session.is_broken() => {
-                                in_flight.push_back(publish_batch(session, batch, &mut stats).await);
+                                in_flight.push_back(
+                                    publish_batch(session, batch, &mut stats, &mut counters, &metrics).await,
+                                );
                             }
-                            _ => stats.dropped_stale += batch.completions.len() as u64,
+                            _ => {
+                                stats.dropped_stale += batch.completions.len() as u64;
+                                metrics.inflight.dec_by(batch.completions.len() as i64);
+                            }
                         }
                     }
                 }
@@ -70,11 +89,11 @@ pub async fn run(
                     if Arc::ptr_eq(&next_session, &session) {
                         tags.extend(more);
                     } else {
-                        settle(&session, std::mem::take(&mut tags), &mut stats).await;
-                        settle(&next_session, more, &mut stats).await;
+                        settle(&session, std::mem::take(&mut tags), &mut stats, &metrics).await;
+                        settle(&next_session, more, &mut stats, &metrics).await;
                     }
                 }
-                settle(&session, tags, &mut stats).await;
+                settle(&session, tags, &mut stats, &metrics).await;
             }
         }
     }
@@ -107,13 +126,17 @@ async fn publish_batch(
     session: Arc<Session>,
     batch: Committed<Ticket>,
     stats: &mut SettleStats,
+    counters: &mut DrawCounters,
+    metrics: &Arc<Metrics>,
 ) -> impl std::future::Future<Output = Settled> + use<> {
-    let mut pending = Vec::with_capacity(batch.completions.len());
+    let total = batch.completions.len();
+    let mut pending = Vec::with_capacity(total);
     for c in batch.completions {
         if c.ticket.epoch != session.epoch {
             stats.dropped_stale += 1;
             continue;
         }
+        counters.result(&c.outcome);
         let body = result_body(&c.outcome, c.ticket.message_id.as_ref().map(|m| m.as_str()));
         let props = result_properties(c.outcome.request_id, &c.ticket.correlation_id);
         let mut confirms = Vec::with_capacity(2);
@@ -136,19 +159,25 @@ async fn publish_batch(
                 }
             }
         }
-        pending.push((c.ticket.delivery_tag, confirms));
+        pending.push((c.ticket, confirms));
     }
+    // Whatever was not published (stale, or the session failed) is no longer in flight; the
+    // published ones leave when their confirms resolve.
+    metrics.inflight.dec_by((total - pending.len()) as i64);
+    let metrics = metrics.clone();
+    let pending_len = pending.len();
     async move {
         // All of the batch's confirms under one deadline, abandoned at once if the session
         // fails: batches settle in order, so a dead session's batch must never hold up the
         // batches of the next one.
         let all =
-            futures::future::join_all(pending.into_iter().map(|(tag, confirms)| async move {
+            futures::future::join_all(pending.into_iter().map(|(ticket, confirms)| async move {
                 (
-                    tag,
+                    ticket,
                     delivery_settlement(futures::future::join_all(confirms).await),
                 )
             }));
+        let published = pending_len;
         let out = tokio::select! {
             // The timeout does not run while the broker blocks the connection (alarm).
             out = session.unless_blocked(all) => match out {
@@ -160,24 +189,33 @@ async fn publish_batch(
             },
             _ = session.broken() => Vec::new(),
         };
+        metrics.inflight.dec_by(published as i64);
         (session, out)
     }
 }
 
 async fn settle(
     session: &Session,
-    tags: Vec<(u64, Result<bool, String>)>,
+    tags: Vec<Confirmed>,
     stats: &mut SettleStats,
+    metrics: &Metrics,
 ) {
     if session.is_broken() {
         return;
     }
     let mut ready = Vec::with_capacity(tags.len());
-    for (tag, result) in tags {
+    let mut received = Vec::with_capacity(tags.len());
+    for (ticket, result) in tags {
+        let tag = ticket.delivery_tag;
         match result {
-            Ok(true) => ready.push(tag),
+            Ok(true) => {
+                ready.push(tag);
+                received.push(ticket.received);
+            }
             Ok(false) => {
                 tracing::warn!(
+                    message_id = ticket.message_id.as_ref().map_or("", |m| m.as_str()),
+                    correlation_id = ticket.correlation_id.as_ref().map_or("", |c| c.as_str()),
                     delivery_tag = tag,
                     "broker refused a result (nack): request requeued"
                 );
@@ -194,7 +232,12 @@ async fn settle(
         }
     }
     match session.ack(&ready).await {
-        Ok(()) => stats.acked += ready.len() as u64,
+        Ok(()) => {
+            stats.acked += ready.len() as u64;
+            for at in received {
+                metrics.stage_acked.observe(at.elapsed().as_secs_f64());
+            }
+        }
         Err(e) => session.fail(format!("ack: {e}")),
     }
 }

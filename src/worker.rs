@@ -21,6 +21,8 @@ use crate::amqp::{self, AmqpError, Link};
 use crate::config::{AmqpConfig, Config};
 use crate::engine::{Engine, EngineOptions};
 use crate::ingest::{self, IngestEnd, Pools};
+use crate::metrics::{Metrics, Readiness};
+use crate::observe;
 use crate::recovery;
 use crate::session::{Session, Ticket};
 use crate::settle;
@@ -161,11 +163,24 @@ async fn run_inner(
     stopping: watch::Sender<bool>,
 ) -> anyhow::Result<ExitCode> {
     let cfg = Arc::new(config.amqp.clone());
+    let metrics = Arc::new(Metrics::new());
+    // The listener comes first: a taken address is an error at start, and /readyz answers
+    // "recovering" while recovery runs. It is aborted when this function returns.
+    let _http = match config.metrics.listen.as_str() {
+        "" => None,
+        listen => {
+            let listener = observe::bind(listen).await?;
+            tracing::info!(listen = %listener.local_addr()?, "serving /metrics, /healthz, /readyz");
+            Some(AbortOnDrop(observe::serve(listener, metrics.clone())))
+        }
+    };
     tracing::info!(data_dir = %config.storage.data_dir.display(), "recovering");
     let recovery_config = config.clone();
     let recovered =
         tokio::task::spawn_blocking(move || recovery::recover(&recovery_config, false)).await??;
     let state = recovered.state;
+    metrics.set_stock(&state);
+    metrics.set_readiness(Readiness::Connecting);
     let pools = Pools {
         default_pool: config.pools[0].id.clone(),
         index: config
@@ -185,13 +200,20 @@ async fn run_inner(
         recovered.segment,
         EngineOptions::from_config(&config, false),
     );
+    metrics.register_engine(&engine.stats());
     let mut admission = Admission::new(window, engine.ids(), engine.sender());
     let (current_tx, current_rx) = watch::channel::<Option<Arc<Session>>>(None);
     // The committed stream ends only when the engine's writer stops: before shutdown that is a
     // fatal storage error, and the worker must stop too, idle or not.
     let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
+    let settle_metrics = metrics.clone();
     let settler = tokio::spawn(async move {
-        let stats = settle::run(committed, current_rx).await;
+        let stats = settle::run(committed, current_rx, settle_metrics.clone()).await;
+        // The committed stream ends before shutdown only when the engine's writer stopped on
+        // a storage error: /healthz says so from here until the process exits.
+        if settle_metrics.readiness() != Readiness::ShuttingDown {
+            settle_metrics.set_storage_failed();
+        }
         let _ = engine_stopped_tx.send(true);
         stats
     });
@@ -212,6 +234,7 @@ async fn run_inner(
         }
         if *engine_stopped.borrow() {
             engine_failed = true;
+            metrics.set_storage_failed();
             break;
         }
         epoch += 1;
@@ -257,12 +280,14 @@ async fn run_inner(
         };
         let session_started = std::time::Instant::now();
         let _ = current_tx.send(Some(session.clone()));
+        metrics.set_readiness(Readiness::Ready);
         tracing::info!(epoch, "connected; consuming");
         match ingest::run(
             session.clone(),
             consumer,
             &mut admission,
             &pools,
+            &metrics,
             stop.clone(),
             engine_stopped.clone(),
         )
@@ -274,6 +299,8 @@ async fn run_inner(
             }
             IngestEnd::EngineGone => {
                 engine_failed = true;
+                metrics.set_storage_failed();
+                metrics.set_readiness(Readiness::ShuttingDown);
                 session.fail("engine stopped".into());
                 let _ = current_tx.send(None);
                 close_link(&link, &cfg).await;
@@ -285,6 +312,8 @@ async fn run_inner(
                 if session_started.elapsed() >= SESSION_HEALTHY {
                     backoff = backoff_min;
                 }
+                metrics.set_readiness(Readiness::Reconnecting);
+                metrics.broker_reconnects.inc();
                 tracing::warn!(%reason, epoch, retry_in_ms = backoff.as_millis() as u64, "broker session lost; reconnecting");
                 session.fail(reason);
                 lost_at = Some(std::time::Instant::now());
@@ -301,6 +330,7 @@ async fn run_inner(
     }
 
     // The one shutdown path, bounded as a whole by run_until.
+    metrics.set_readiness(Readiness::ShuttingDown);
     let _ = stopping.send(true);
     drop(admission);
     engine.close();
@@ -341,4 +371,13 @@ async fn run_inner(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Aborts a spawned task when dropped (the metrics listener ends with the worker).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -19,7 +19,22 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
     );
     let names = setup.names.clone();
     let tmpfs = Tmpfs::mount_at(&setup.data_dir, "4m");
-    let mut worker = setup.start_ready(&conn, &[]).await;
+    let addr = format!("127.0.0.1:{}", common::metrics::free_port());
+    let mut worker = setup
+        .start_ready(&conn, &[("REWARDPOOL__METRICS__LISTEN", addr.as_str())])
+        .await;
+    // /healthz, polled until the listener goes away with the process: 200 while storage
+    // works, 503 once the engine stopped on the full disk.
+    let health = tokio::spawn(async move {
+        let mut seen: Vec<(u16, String)> = Vec::new();
+        while let Ok(answer) = common::metrics::http(&addr, "/healthz").await {
+            if seen.last() != Some(&answer) {
+                seen.push(answer);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen
+    });
     let results = Collector::start(&names.result).await;
     let mut p = Producer::new(&conn).await;
     publish_stream(&mut p, &names.request, None, 0..FIRST).await;
@@ -42,6 +57,15 @@ async fn a_disk_that_fills_stops_the_worker_and_a_restart_finishes_every_request
     assert!(
         log.contains("No space left") || log.contains("disk full"),
         "the error names the cause:\n{log}"
+    );
+    let health = health.await.unwrap();
+    assert_eq!(
+        health,
+        vec![
+            (200, "ok\n".to_owned()),
+            (503, "storage failed\n".to_owned())
+        ],
+        "/healthz answers"
     );
     results.barrier(&conn).await;
     let before = distinct_count(&results.messages());

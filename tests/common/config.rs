@@ -222,6 +222,9 @@ impl Setup {
         for line in &c.storage_extra {
             file.merge("storage", line);
         }
+        // Two workers run at once: no metrics listener unless a test asks for one
+        // (REWARDPOOL__METRICS__LISTEN overrides this).
+        file.set("metrics", "listen", "");
         for p in &c.pools {
             file.pool(p);
         }

@@ -13,6 +13,7 @@
 //! - [`raw_amqp`]: a hand-rolled publisher for what lapin will not send.
 //! - [`storage`]: the one WAL reader (the library's scanner) and on-disk invariants.
 //! - [`config`]: the one config writer (`toml`-serialised) and a broker test's `Setup`.
+//! - [`metrics`]: a free port, scraping and reading `/metrics`, HTTP to the worker's listener.
 //! - [`tmpfs`]: a small real tmpfs, so the disk really fills.
 //!
 //! Everything is re-exported at the top: `use common::*;`.
@@ -20,6 +21,7 @@
 pub mod broker;
 pub mod collect;
 pub mod config;
+pub mod metrics;
 pub mod process;
 pub mod raw_amqp;
 pub mod storage;

@@ -44,6 +44,7 @@ pub fn write_config(dir: &Path, data_dir: &Path, extra_storage: &str) -> PathBuf
         .set("storage", "segment_bytes_max", 16384)
         .set("storage", "id_block_size", 500)
         .merge("storage", extra_storage)
+        .set("metrics", "listen", "")
         .pools_toml(POOLS_TOML)
         .write(&path);
     path
