@@ -26,26 +26,13 @@ use std::fmt;
 use rand::Rng;
 
 use crate::fenwick::Fenwick;
+use crate::limits::{POOL_ITEMS_MAX, QUANTITY_MAX, WEIGHT_MAX};
 
 /// The random number generator of the draws: fast, seedable, portable.
 pub type DrawRng = rand_chacha::ChaCha8Rng;
 
-/// Largest quantity of one item that config validation lets through.
-pub const MAX_QUANTITY: u64 = 1 << 40;
-/// Largest weight of one item that config validation lets through.
-pub const MAX_WEIGHT: u64 = 1 << 32;
-/// Largest number of items in one pool that config validation lets through.
-pub const MAX_ITEMS: usize = 1 << 24;
-
-/// How a pool turns stock into probabilities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Every remaining unit is equally likely.
-    ByQuantity,
-    /// An item in stock is drawn with probability weight / total weight in stock.
-    ByWeight,
-}
+pub use crate::seed::Mode;
+use crate::seed::PoolSeed;
 
 /// State of one item. quantity None = unlimited (only allowed in by_weight pools).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -100,34 +87,32 @@ impl fmt::Display for PoolError {
 impl std::error::Error for PoolError {}
 
 impl Pool {
-    /// Items are (id, quantity, weight) as validated by config: by_quantity items have a quantity and no weight; by_weight items have a weight >= 1 and optional quantity. initial = quantity, issued = 0.
-    pub fn seed(
-        id: &str,
-        mode: Mode,
-        items: &[(String, Option<u64>, Option<u64>)],
-    ) -> Result<Pool, PoolError> {
-        let items = items
+    /// A new pool from its seed: initial = quantity, issued = 0. The seed is checked again
+    /// here (as for a snapshot), so a bad seed is an error, never a wrong pool.
+    pub fn seed(seed: &PoolSeed) -> Result<Pool, PoolError> {
+        let items = seed
+            .items
             .iter()
-            .map(|(item_id, quantity, weight)| Item {
-                id: item_id.clone(),
-                quantity: *quantity,
-                weight: *weight,
-                initial: *quantity,
+            .map(|item| Item {
+                id: item.id.clone(),
+                quantity: item.stock.quantity(),
+                weight: item.weight,
+                initial: item.stock.quantity(),
                 issued: 0,
             })
             .collect();
-        Pool::from_items(id, mode, items)
+        Pool::from_items(&seed.id, seed.mode, items)
     }
 
     /// Rebuild from persisted items (snapshot). Checks invariants (initial == quantity + issued for limited items, by_quantity has no unlimited item, weights present in by_weight) -> PoolError::Invalid on violation.
     ///
     /// Also rejected: a weight in a by_quantity pool, a weight of 0, bounds
-    /// above [`MAX_QUANTITY`], [`MAX_WEIGHT`], [`MAX_ITEMS`], an unlimited
+    /// above [`QUANTITY_MAX`], [`WEIGHT_MAX`], [`POOL_ITEMS_MAX`], an unlimited
     /// item with an `initial`, and duplicate item ids.
     pub fn from_items(id: &str, mode: Mode, items: Vec<Item>) -> Result<Pool, PoolError> {
         let invalid = |reason: String| Err(PoolError::Invalid(format!("pool {id:?}: {reason}")));
-        if items.len() > MAX_ITEMS {
-            return invalid(format!("{} items, more than {MAX_ITEMS}", items.len()));
+        if items.len() > POOL_ITEMS_MAX {
+            return invalid(format!("{} items, more than {POOL_ITEMS_MAX}", items.len()));
         }
         let mut ids = HashSet::with_capacity(items.len());
         let mut weights = Vec::with_capacity(items.len());
@@ -269,7 +254,7 @@ impl Pool {
                     *quantity = quantity.saturating_sub(1);
                     if *quantity == 0 {
                         let weight = item.weight.unwrap_or(0);
-                        // weight <= MAX_WEIGHT < 2^63: fits i64.
+                        // weight <= WEIGHT_MAX < 2^63: fits i64.
                         self.tree.add(index, -(weight as i64));
                     }
                 }
@@ -340,16 +325,16 @@ fn check_item(mode: Mode, item: &Item) -> Result<(), String> {
         Mode::ByWeight => match item.weight {
             None => return Err("by_weight items must have a weight".to_string()),
             Some(0) => return Err("weight must be >= 1".to_string()),
-            Some(weight) if weight > MAX_WEIGHT => {
-                return Err(format!("weight {weight} > {MAX_WEIGHT}"));
+            Some(weight) if weight > WEIGHT_MAX => {
+                return Err(format!("weight {weight} > {WEIGHT_MAX}"));
             }
             Some(_) => {}
         },
     }
     match (item.quantity, item.initial) {
         (Some(quantity), Some(initial)) => {
-            if initial > MAX_QUANTITY {
-                return Err(format!("initial {initial} > {MAX_QUANTITY}"));
+            if initial > QUANTITY_MAX {
+                return Err(format!("initial {initial} > {QUANTITY_MAX}"));
             }
             if quantity.checked_add(item.issued) != Some(initial) {
                 return Err(format!(
@@ -397,7 +382,7 @@ mod tests {
             .enumerate()
             .map(|(i, &q)| (format!("item{i}"), Some(q), None))
             .collect();
-        Pool::seed("pq", Mode::ByQuantity, &items).unwrap()
+        Pool::seed(&PoolSeed::from_parts("pq", Mode::ByQuantity, &items)).unwrap()
     }
 
     fn item(id: &str, quantity: Option<u64>, weight: Option<u64>, issued: u64) -> Item {
@@ -449,7 +434,7 @@ mod tests {
             ("rare".to_string(), Some(3), Some(1000)),
             ("common".to_string(), None, Some(1)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         let mut rng = DrawRng::seed_from_u64(7);
         let mut rare_draws = 0;
         let mut out = Vec::new();
@@ -476,7 +461,7 @@ mod tests {
             ("a".to_string(), Some(2), Some(5)),
             ("b".to_string(), Some(1), Some(1)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         let mut rng = DrawRng::seed_from_u64(3);
         let mut out = Vec::new();
         assert_eq!(pool.draw(10, &mut rng, &mut out), 3);
@@ -506,7 +491,7 @@ mod tests {
 
     #[test]
     fn empty_pool_draws_nothing() {
-        let mut pool = Pool::seed("empty", Mode::ByWeight, &[]).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("empty", Mode::ByWeight, &[])).unwrap();
         let mut rng = DrawRng::seed_from_u64(0);
         assert_eq!(pool.draw_one(&mut rng), None);
         let mut out = Vec::new();
@@ -519,7 +504,7 @@ mod tests {
             ("one".to_string(), Some(1), Some(2)),
             ("free".to_string(), None, Some(3)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         assert_eq!(pool.in_stock_weight(), 5);
         pool.apply_issue(0).unwrap();
         assert_eq!(pool.in_stock_weight(), 3);
@@ -567,7 +552,7 @@ mod tests {
         let items: Vec<_> = (0..50)
             .map(|i| (format!("i{i}"), Some(i % 4), Some(1 + i % 7)))
             .collect();
-        let mut live = Pool::seed("p", Mode::ByWeight, &items).unwrap();
+        let mut live = Pool::seed(&PoolSeed::from_parts("p", Mode::ByWeight, &items)).unwrap();
         let mut replayed = live.clone();
         let mut rng = DrawRng::seed_from_u64(42);
         let mut out = Vec::new();
@@ -626,11 +611,11 @@ mod tests {
         // bounds and duplicates
         assert!(invalid(
             Mode::ByWeight,
-            vec![item("a", None, Some(MAX_WEIGHT + 1), 0)]
+            vec![item("a", None, Some(WEIGHT_MAX + 1), 0)]
         ));
         assert!(invalid(
             Mode::ByQuantity,
-            vec![item("a", Some(MAX_QUANTITY + 1), None, 0)]
+            vec![item("a", Some(QUANTITY_MAX + 1), None, 0)]
         ));
         assert!(invalid(
             Mode::ByQuantity,
@@ -638,7 +623,11 @@ mod tests {
         ));
         // seed goes through the same checks
         assert!(matches!(
-            Pool::seed("p", Mode::ByQuantity, &[("a".to_string(), None, None)]),
+            Pool::seed(&PoolSeed::from_parts(
+                "p",
+                Mode::ByQuantity,
+                &[("a".to_string(), None, None)]
+            )),
             Err(PoolError::Invalid(_))
         ));
         // and accepts valid snapshots, including partly issued ones
@@ -712,7 +701,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, &q)| (format!("q{i}"), Some(q), None))
                 .collect();
-            Pool::seed("pq", Mode::ByQuantity, &items).unwrap()
+            Pool::seed(&PoolSeed::from_parts("pq", Mode::ByQuantity, &items)).unwrap()
         });
         let weight_items =
             proptest::collection::vec((proptest::option::weighted(0.8, 0u64..6), 1u64..20), 0..12)
@@ -722,7 +711,7 @@ mod tests {
                         .enumerate()
                         .map(|(i, &(q, w))| (format!("w{i}"), q, Some(w)))
                         .collect();
-                    Pool::seed("pw", Mode::ByWeight, &items).unwrap()
+                    Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap()
                 });
         prop_oneof![quantity_items, weight_items]
     }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub const BATCH_MAGIC: u32 = 0x3142_5052; // "RPB1" little-endian
 pub const BATCH_HEADER_BYTES: usize = 28;
 /// A batch payload is bounded: batches of at most `batch_records_max` draws, or one seed.
-pub const BATCH_PAYLOAD_BYTES_MAX: usize = record::RECORD_BYTES_MAX + 4096;
+pub use crate::limits::BATCH_PAYLOAD_BYTES_MAX;
 
 /// Builds one batch in memory: header space first, records appended, header filled last.
 pub struct BatchBuilder {

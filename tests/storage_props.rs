@@ -127,7 +127,7 @@ fn model(
     let mut out = BTreeMap::new();
     for p in &config.pools {
         for i in &p.items {
-            out.insert((p.id.clone(), i.id.clone()), i.quantity_u64());
+            out.insert((p.id.clone(), i.id.clone()), i.stock.quantity());
         }
     }
     for (s, pool, items) in drawn {
