@@ -90,8 +90,7 @@ fn durable_run(cfg: &Config, n: u64, first_key: u64) -> (Duration, u64, u64, u64
         let assigned = admission.assign_blocking(Some(&mid)).unwrap();
         admission
             .submit_blocking(
-                assigned,
-                Some(DrawSpec {
+                assigned.with_draw(DrawSpec {
                     message_id: Some(mid),
                     pool_index: 0,
                     user: "bench-user".into(),

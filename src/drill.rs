@@ -11,7 +11,7 @@
 //! A test kills it (SIGKILL, or a failpoint) at any moment and checks, after a restart, that
 //! every `done` line is in the durable state and no ID or `message_id` was used twice.
 
-use crate::admission::{Admission, DrawSpec};
+use crate::admission::{Admission, Assigned, DrawSpec};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions};
 use crate::recovery;
@@ -34,7 +34,7 @@ pub fn engine_options(config: &Config, keep_all_wal: bool) -> EngineOptions {
         segment_bytes_max: s.segment_bytes_max,
         id_block_size: s.id_block_size,
         rng_seed: s.rng_seed,
-        wal_keep_all: keep_all_wal,
+        keep_all_wal,
     }
 }
 
@@ -93,9 +93,13 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
         if !quiet {
             println!(
                 "assigned {} {} {}",
-                assigned.request_id,
+                assigned.request_id(),
                 message_id,
-                if assigned.repeat { "repeat" } else { "new" }
+                if matches!(assigned, Assigned::Repeat(_)) {
+                    "repeat"
+                } else {
+                    "new"
+                }
             );
         }
         let draw = DrawSpec {
@@ -105,7 +109,7 @@ pub fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
             count: 1 + (k % 3) as u32,
         };
         if admission
-            .submit_blocking(assigned, Some(draw), message_id)
+            .submit_blocking(assigned.with_draw(draw), message_id)
             .is_err()
         {
             break;

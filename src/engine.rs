@@ -25,6 +25,10 @@
 use crate::dedupe::{MessageKey, message_key};
 use crate::failpoint::failpoint;
 use crate::ids::IdAllocator;
+use crate::limits::{
+    BATCH_RECORD_BYTES_ESTIMATE, ENGINE_COMMITTED_BATCHES_MAX, ENGINE_JOBS_MAX,
+    WAL_GROUP_BATCHES_MAX,
+};
 use crate::pool::DrawRng;
 use crate::record::Record;
 use crate::snapshot::{self, Image};
@@ -47,7 +51,7 @@ pub struct EngineOptions {
     pub segment_bytes_max: u64,
     pub id_block_size: u64,
     pub rng_seed: Option<u64>,
-    pub wal_keep_all: bool,
+    pub keep_all_wal: bool,
 }
 
 /// A new request, with its ID already handed out by `IdAllocator`.
@@ -84,8 +88,91 @@ pub struct Completion<T> {
 
 /// Completions of requests whose records are durable, in draw order.
 pub struct Committed<T> {
+    /// The batch whose records these are (a repeat-only group: the last batch before it).
     pub seq: u64,
     pub completions: Vec<Completion<T>>,
+    durable: Arc<DurableMark>,
+}
+
+impl<T> Committed<T> {
+    /// Asserts, in release builds too, that the WAL writer's durable mark covers this batch:
+    /// nothing completes before its records are on disk. Whoever completes calls it.
+    pub fn assert_durable(&self) {
+        self.durable.assert_covers(self.seq);
+    }
+}
+
+/// "Durable through batch N": the highest batch sequence number the WAL writer has fsynced.
+/// Only the writer advances it, after the fsync and before it sends any completion on.
+#[derive(Debug, Default)]
+pub struct DurableMark(AtomicU64);
+
+impl DurableMark {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn advance(&self, seq: u64) {
+        let before = self.0.fetch_max(seq, Ordering::AcqRel);
+        assert!(
+            before <= seq,
+            "durable mark moved back from {before} to {seq}"
+        );
+    }
+
+    pub fn assert_covers(&self, seq: u64) {
+        let durable = self.get();
+        assert!(
+            seq <= durable,
+            "batch {seq} completes before it is durable (durable through batch {durable})"
+        );
+    }
+}
+
+/// A fatal failure of the WAL writer or the snapshot thread. Never retried (an fsync error
+/// leaves the page cache in an unknown state); the `io::Error` is kept, so a full disk stays
+/// recognisable ([`StorageError::is_storage_full`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {seq}: {source}")]
+    Snapshot {
+        what: &'static str,
+        seq: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot thread stopped")]
+    SnapshotThreadGone,
+}
+
+impl StorageError {
+    /// The kind of the underlying I/O error, if there is one.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
+                Some(source.kind())
+            }
+            StorageError::SnapshotThreadGone => None,
+        }
+    }
+
+    /// ENOSPC (or a quota): the operator frees space; nothing is corrupt.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+                    || source.kind() == std::io::ErrorKind::QuotaExceeded
+                    || source.raw_os_error() == Some(libc::ENOSPC)
+            }
+            StorageError::SnapshotThreadGone => false,
+        }
+    }
 }
 
 /// Counters for benchmarks and logs.
@@ -102,7 +189,7 @@ pub struct EngineStats {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("fatal storage error, the engine stopped: {0}")]
-    Fatal(String),
+    Fatal(#[source] Arc<StorageError>),
     #[error("engine thread panicked")]
     Panicked,
 }
@@ -118,13 +205,14 @@ enum Job<T> {
     Final(Image),
 }
 
-type Fatal = Arc<Mutex<Option<String>>>;
+type Fatal = Arc<Mutex<Option<Arc<StorageError>>>>;
 
 pub struct Engine<T> {
     tx: Option<mpsc::Sender<Command<T>>>,
     ids: Arc<IdAllocator>,
     stats: Arc<EngineStats>,
     fatal: Fatal,
+    durable: Arc<DurableMark>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -137,13 +225,15 @@ impl<T: Send + 'static> Engine<T> {
     ) -> (Engine<T>, mpsc::Receiver<Committed<T>>) {
         assert!(options.batch_records_max >= 1);
         let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
-        let (out_tx, out_rx) = mpsc::channel(64);
-        let (job_tx, job_rx) = std_mpsc::sync_channel::<Job<T>>(4);
+        let (out_tx, out_rx) = mpsc::channel(ENGINE_COMMITTED_BATCHES_MAX);
+        let (job_tx, job_rx) = std_mpsc::sync_channel::<Job<T>>(ENGINE_JOBS_MAX);
         let (snap_tx, snap_rx) = std_mpsc::sync_channel::<Image>(1);
         let ids = Arc::new(IdAllocator::new(state.reserved_ids, options.id_block_size));
         let stats = Arc::new(EngineStats::default());
         let fatal: Fatal = Arc::new(Mutex::new(None));
         let snap_busy = Arc::new(AtomicBool::new(false));
+        // The recovered state is on disk.
+        let durable = Arc::new(DurableMark(AtomicU64::new(state.seq)));
 
         let mut threads = Vec::new();
         {
@@ -163,15 +253,22 @@ impl<T: Send + 'static> Engine<T> {
             let stats = stats.clone();
             let fatal = fatal.clone();
             let options = options.clone();
+            let durable = durable.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("rp-writer".into())
                     .spawn(move || {
-                        if let Err(e) =
-                            writer_loop(segment, job_rx, out_tx, snap_tx, ids, stats, options)
-                        {
+                        let writer = Writer {
+                            out: out_tx,
+                            snaps: snap_tx,
+                            ids,
+                            stats,
+                            durable,
+                            options,
+                        };
+                        if let Err(e) = writer.run(segment, job_rx) {
                             tracing::error!(error = %e, "WAL write failed; the engine stops");
-                            fatal.lock().expect("fatal lock").get_or_insert(e);
+                            fatal.lock().expect("fatal lock").get_or_insert(Arc::new(e));
                         }
                     })
                     .expect("spawn writer thread"),
@@ -186,7 +283,7 @@ impl<T: Send + 'static> Engine<T> {
                     .spawn(move || {
                         if let Err(e) = snapshot_loop(snap_rx, snap_busy, stats, options) {
                             tracing::error!(error = %e, "snapshot failed; the engine stops");
-                            fatal.lock().expect("fatal lock").get_or_insert(e);
+                            fatal.lock().expect("fatal lock").get_or_insert(Arc::new(e));
                         }
                     })
                     .expect("spawn snapshot thread"),
@@ -198,6 +295,7 @@ impl<T: Send + 'static> Engine<T> {
                 ids,
                 stats,
                 fatal,
+                durable,
                 threads,
             },
             out_rx,
@@ -216,8 +314,12 @@ impl<T> Engine<T> {
         self.stats.clone()
     }
     /// The fatal error, if the engine stopped on one.
-    pub fn fatal(&self) -> Option<String> {
+    pub fn fatal(&self) -> Option<Arc<StorageError>> {
         self.fatal.lock().expect("fatal lock").clone()
+    }
+    /// The writer's "durable through batch N" mark.
+    pub fn durable(&self) -> Arc<DurableMark> {
+        self.durable.clone()
     }
 
     /// Drops this handle's sender. Once every other sender is gone too the engine finishes
@@ -284,7 +386,8 @@ fn engine_loop<T>(
         }
 
         // Sized for the batch so appending never reallocates: a draw record is ~40-600 bytes.
-        let mut batch = BatchBuilder::with_capacity(commands.len() * 96 + 64);
+        let mut batch =
+            BatchBuilder::with_capacity(commands.len() * BATCH_RECORD_BYTES_ESTIMATE + 64);
         let mut completions = Vec::with_capacity(commands.len());
         let reserve = ids.reservation_due(state.reserved_ids);
         if let Some(up_to) = reserve {
@@ -343,6 +446,8 @@ fn engine_loop<T>(
         if batch.is_empty() && completions.is_empty() {
             continue;
         }
+        // Conservation, per batch and in release builds: O(pools), not per draw.
+        state.assert_conserved();
         let bytes = if batch.is_empty() {
             None
         } else {
@@ -383,99 +488,122 @@ fn engine_loop<T>(
     let _ = job_tx.send(Job::Final(Image::capture(&state)));
 }
 
-fn writer_loop<T>(
-    mut segment: SegmentWriter,
-    jobs: std_mpsc::Receiver<Job<T>>,
+/// The WAL writer thread: group commit, then completions, in batch order.
+struct Writer<T> {
     out: mpsc::Sender<Committed<T>>,
     snaps: std_mpsc::SyncSender<Image>,
     ids: Arc<IdAllocator>,
     stats: Arc<EngineStats>,
+    durable: Arc<DurableMark>,
     options: EngineOptions,
-) -> Result<(), String> {
-    let dir = options.data_dir.clone();
-    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let mut group: Vec<Job<T>> = Vec::new();
-    loop {
-        group.clear();
-        match jobs.recv() {
-            Ok(j) => group.push(j),
-            Err(_) => return Ok(()),
-        }
-        while group.len() < 64 {
-            match jobs.try_recv() {
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> StorageError {
+    move |source| StorageError::Io { what, source }
+}
+
+impl<T> Writer<T> {
+    fn run(
+        self,
+        mut segment: SegmentWriter,
+        jobs: std_mpsc::Receiver<Job<T>>,
+    ) -> Result<(), StorageError> {
+        let dir = self.options.data_dir.clone();
+        let mut group: Vec<Job<T>> = Vec::new();
+        loop {
+            group.clear();
+            match jobs.recv() {
                 Ok(j) => group.push(j),
-                Err(_) => break,
+                Err(_) => return Ok(()),
             }
-        }
-        // 1. Write every batch of the group; rotate where a snapshot marked a batch.
-        let mut dirty = false;
-        for job in &group {
-            if let Job::Batch {
-                seq,
-                bytes: Some(bytes),
-                snapshot,
-                ..
-            } = job
-            {
-                if segment.len_bytes() >= options.segment_bytes_max {
-                    segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-                    segment = SegmentWriter::create(&dir, *seq)
-                        .map_err(|e| io("create WAL segment", e))?;
-                }
-                segment
-                    .append(bytes)
-                    .map_err(|e| io("write WAL segment", e))?;
-                failpoint("wal.after_write");
-                dirty = true;
-                if snapshot.is_some() {
-                    segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-                    failpoint("rotate.before_create");
-                    segment = SegmentWriter::create(&dir, seq + 1)
-                        .map_err(|e| io("create WAL segment", e))?;
-                    failpoint("rotate.after_create");
-                    dirty = false;
+            while group.len() < WAL_GROUP_BATCHES_MAX {
+                match jobs.try_recv() {
+                    Ok(j) => group.push(j),
+                    Err(_) => break,
                 }
             }
-        }
-        // 2. One fsync for the group.
-        if dirty {
-            let started = Instant::now();
-            segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-            let us = started.elapsed().as_micros() as u64;
-            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-            stats.fsync_us_total.fetch_add(us, Ordering::Relaxed);
-            stats.fsync_us_max.fetch_max(us, Ordering::Relaxed);
-            failpoint("wal.after_sync");
-        }
-        // 3. Durable: publish reservations, complete in order, hand snapshots on.
-        for job in group.drain(..) {
-            match job {
-                Job::Batch {
+            // 1. Write every batch of the group; rotate where a snapshot marked a batch.
+            let mut dirty = false;
+            let mut written_through = None;
+            for job in &group {
+                if let Job::Batch {
                     seq,
-                    completions,
-                    reserve,
+                    bytes: Some(bytes),
                     snapshot,
                     ..
-                } => {
-                    if let Some(up_to) = reserve {
-                        ids.set_durable(up_to);
+                } = job
+                {
+                    if segment.len_bytes() >= self.options.segment_bytes_max {
+                        segment.sync().map_err(io_error("fsync WAL segment"))?;
+                        segment = SegmentWriter::create(&dir, *seq)
+                            .map_err(io_error("create WAL segment"))?;
                     }
-                    if !completions.is_empty() {
-                        // A caller that stopped listening loses nothing: the records are durable.
-                        let _ = out.blocking_send(Committed { seq, completions });
-                    }
-                    if let Some(image) = snapshot {
-                        snaps
-                            .send(image)
-                            .map_err(|_| "snapshot thread stopped".to_string())?;
+                    segment
+                        .append(bytes)
+                        .map_err(io_error("write WAL segment"))?;
+                    failpoint("wal.after_write");
+                    dirty = true;
+                    written_through = Some(*seq);
+                    if snapshot.is_some() {
+                        segment.sync().map_err(io_error("fsync WAL segment"))?;
+                        failpoint("rotate.before_create");
+                        segment = SegmentWriter::create(&dir, seq + 1)
+                            .map_err(io_error("create WAL segment"))?;
+                        failpoint("rotate.after_create");
+                        dirty = false;
                     }
                 }
-                Job::Final(image) => {
-                    drop(out);
-                    snaps
-                        .send(image)
-                        .map_err(|_| "snapshot thread stopped".to_string())?;
-                    return Ok(());
+            }
+            // 2. One fsync for the group; then, and only then, the mark moves.
+            if dirty {
+                let started = Instant::now();
+                segment.sync().map_err(io_error("fsync WAL segment"))?;
+                let us = started.elapsed().as_micros() as u64;
+                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.stats.fsync_us_total.fetch_add(us, Ordering::Relaxed);
+                self.stats.fsync_us_max.fetch_max(us, Ordering::Relaxed);
+                failpoint("wal.after_sync");
+            }
+            if let Some(seq) = written_through {
+                self.durable.advance(seq);
+            }
+            // 3. Durable: publish reservations, complete in order, hand snapshots on.
+            for job in group.drain(..) {
+                match job {
+                    Job::Batch {
+                        seq,
+                        completions,
+                        reserve,
+                        snapshot,
+                        ..
+                    } => {
+                        if let Some(up_to) = reserve {
+                            self.ids.set_durable(up_to);
+                        }
+                        if !completions.is_empty() {
+                            let committed = Committed {
+                                seq,
+                                completions,
+                                durable: self.durable.clone(),
+                            };
+                            committed.assert_durable();
+                            // A caller that stopped listening loses nothing: the records are
+                            // durable.
+                            let _ = self.out.blocking_send(committed);
+                        }
+                        if let Some(image) = snapshot {
+                            self.snaps
+                                .send(image)
+                                .map_err(|_| StorageError::SnapshotThreadGone)?;
+                        }
+                    }
+                    Job::Final(image) => {
+                        drop(self.out);
+                        self.snaps
+                            .send(image)
+                            .map_err(|_| StorageError::SnapshotThreadGone)?;
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -487,14 +615,23 @@ fn snapshot_loop(
     busy: Arc<AtomicBool>,
     stats: Arc<EngineStats>,
     options: EngineOptions,
-) -> Result<(), String> {
+) -> Result<(), StorageError> {
     while let Ok(image) = images.recv() {
         let started = Instant::now();
-        snapshot::write(&options.data_dir, &image)
-            .map_err(|e| format!("write snapshot {}: {e}", image.seq))?;
+        let seq = image.seq;
+        snapshot::write(&options.data_dir, &image).map_err(|source| StorageError::Snapshot {
+            what: "write snapshot",
+            seq,
+            source,
+        })?;
         failpoint("snapshot.before_prune");
-        snapshot::prune(&options.data_dir, options.wal_keep_all)
-            .map_err(|e| format!("prune after snapshot {}: {e}", image.seq))?;
+        snapshot::prune(&options.data_dir, options.keep_all_wal).map_err(|source| {
+            StorageError::Snapshot {
+                what: "prune after snapshot",
+                seq,
+                source,
+            }
+        })?;
         stats.snapshots.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             seq = image.seq,

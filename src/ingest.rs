@@ -12,7 +12,7 @@
 //! Reply confirms are awaited here in a bounded set (lapin keeps dropped confirms until
 //! `wait_for_confirms`, so they must not be dropped).
 
-use crate::admission::{Admission, Assigned, DrawSpec, EngineGone};
+use crate::admission::{Admission, DrawSpec, EngineGone, RepeatOf, Submission};
 use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
@@ -26,8 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Reply confirms outstanding before ingest waits for some.
-const REPLY_CONFIRMS_MAX: usize = 4096;
+use crate::limits::INGEST_REPLY_CONFIRMS_MAX as REPLY_CONFIRMS_MAX;
 
 /// How a session's ingest ended.
 pub enum IngestEnd {
@@ -171,23 +170,27 @@ async fn handle(
         }
     };
 
-    let (assigned, draw) = match admit {
-        Admit::Repeat(repeat) => (repeat, None),
-        Admit::New(request) => (
+    let submission = match admit {
+        Admit::Repeat(repeat) => Submission::Repeat(repeat),
+        Admit::New(request) => Submission::New(
             admission.assign_new(key).await?,
-            Some(DrawSpec {
+            DrawSpec {
                 message_id: mid.map(str::to_string),
                 pool_index: pools.index[&request.pool],
                 user: request.user,
                 count: request.count,
-            }),
+            },
         ),
+    };
+    let request_id = match &submission {
+        Submission::New(new, _) => new.request_id,
+        Submission::Repeat(repeat) => repeat.request_id,
     };
     if let Some(reply_to) = &reply_to {
         let confirm = session
             .publish(
                 reply_to.as_str(),
-                &accepted_body(assigned.request_id),
+                &accepted_body(request_id),
                 reply_properties("accepted", &correlation_id),
             )
             .await;
@@ -206,12 +209,12 @@ async fn handle(
         reply_to,
         correlation_id,
     };
-    admission.submit(assigned, draw, ticket).await?;
+    admission.submit(submission, ticket).await?;
     Ok(())
 }
 
 /// What ingest decided for a valid delivery.
 enum Admit {
-    Repeat(Assigned),
+    Repeat(RepeatOf),
     New(message::ParsedRequest),
 }

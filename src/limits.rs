@@ -76,6 +76,8 @@ pub const BATCH_PAYLOAD_BYTES_MAX: usize = RECORD_BYTES_MAX + 4096;
 
 /// Batches of outcomes between the WAL writer and the caller (settle or drill).
 pub const ENGINE_COMMITTED_BATCHES_MAX: usize = 64;
+/// Batches between the engine thread and the WAL writer (the engine draws ahead by this many).
+pub const ENGINE_JOBS_MAX: usize = 4;
 /// Batches the WAL writer groups under one fsync.
 pub const WAL_GROUP_BATCHES_MAX: usize = 64;
 /// Encoded bytes reserved per record when a batch buffer is sized (a draw is ~40-600 bytes).

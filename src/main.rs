@@ -50,8 +50,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         requests: u64,
         /// Keep every WAL segment (no pruning), so tests can audit the full history.
-        #[arg(long)]
-        keep_wal: bool,
+        #[arg(long, alias = "keep-wal")]
+        keep_all_wal: bool,
         #[arg(long)]
         quiet: bool,
     },
@@ -168,7 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             common,
             first,
             requests,
-            keep_wal,
+            keep_all_wal,
             quiet,
         } => {
             let config = load_config(&common)?;
@@ -177,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &rewardpool::drill::DrillOptions {
                     first,
                     requests,
-                    keep_all_wal: keep_wal,
+                    keep_all_wal,
                     quiet,
                 },
             )?;

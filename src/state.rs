@@ -301,6 +301,13 @@ impl State {
         Ok(())
     }
 
+    /// Asserts conservation in every pool (O(pools)); the engine calls it once per batch.
+    pub fn assert_conserved(&self) {
+        for slot in &self.pools {
+            slot.pool.assert_conserved();
+        }
+    }
+
     /// Sum over limited items of (initial, remaining, issued); conservation holds when
     /// initial == remaining + issued.
     pub fn conservation(&self) -> Vec<(String, u64, u64, u64)> {

@@ -67,8 +67,7 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
             let assigned = admission.assign_blocking(mid.as_deref()).unwrap();
             admission
                 .submit_blocking(
-                    assigned,
-                    Some(DrawSpec {
+                    assigned.with_draw(DrawSpec {
                         message_id: mid.clone(),
                         pool_index: *pool,
                         user: mid.unwrap_or_default(),
