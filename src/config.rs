@@ -2819,4 +2819,70 @@ weight = 0
             ],
         );
     }
+
+    #[test]
+    fn contract_keys_of_admin_metrics_log_tls_and_shards() {
+        let config = Config::builtin();
+        assert_eq!(config.amqp.admin_queue, "rewardpool.admin");
+        assert_eq!(config.amqp.tls_ca_file, "");
+        assert_eq!(config.amqp.exchange, "");
+        assert!(config.admin.allowed_users.is_empty());
+        assert_eq!(config.metrics.listen, "127.0.0.1:9464");
+        assert_eq!(config.log.format, LogFormat::Text);
+
+        let text = "[amqp]\nadmin_queue = \"ops\"\nexchange = \"rp\"\ntls_ca_file = \"ca.pem\"\n\
+                    [admin]\nallowed_users = [\"alice\"]\n[metrics]\nlisten = \"\"\n[log]\nformat = \"json\"\n";
+        let (_, result) = load_text(&format!(
+            "{text}\n{}",
+            quantity_pool_with("{ id = \"x\", quantity = 1 }")
+                .trim_start_matches("[storage]\ndata_dir = \"d\"\n")
+        ));
+        let config = result.expect("loads");
+        assert_eq!(config.amqp.admin_queue, "ops");
+        assert_eq!(config.amqp.exchange, "rp");
+        assert_eq!(config.amqp.tls_ca_file, "ca.pem");
+        assert_eq!(config.admin.allowed_users, ["alice"]);
+        assert_eq!(config.metrics.listen, "");
+        assert_eq!(config.log.format, LogFormat::Json);
+
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[metrics]\nlisten = \"localhost\"",
+                &["`metrics.listen`", "socket address", "line 2"],
+            ),
+            (
+                "[admin]\nallowed_users = [\"\"]",
+                &["`admin.allowed_users[0]`", "must not be empty"],
+            ),
+            (
+                "[log]\nformat = \"xml\"",
+                &[
+                    "`log.format`",
+                    "must be \"text\" or \"json\", got \"xml\"",
+                    "line 2",
+                ],
+            ),
+            (
+                "[amqp]\ntls_cert_file = \"c.pem\"",
+                &["`amqp.tls_cert_file`", "both or neither", "line 2"],
+            ),
+            (
+                "[amqp]\nadmin_queue = \"rewardpool.requests\"",
+                &["`amqp.admin_queue`", "also used by amqp.request_queue"],
+            ),
+            (
+                "[amqp]\nexchange = \"amq.topic\"",
+                &["`amqp.exchange`", "reserves"],
+            ),
+        ];
+        for (section, expected) in cases {
+            let (_, _, message) = error_of(&format!(
+                "{section}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [ {{ id = \"a\", quantity = 1 }} ]\n"
+            ));
+            assert_contains(&message, expected);
+        }
+        let vars = env(&[("REWARDPOOL__METRICS__LISTEN", "0.0.0.0:9100")]);
+        let config = Config::load_with_env(None, &vars).expect("env sets metrics.listen");
+        assert_eq!(config.metrics.listen, "0.0.0.0:9100");
+    }
 }

@@ -642,3 +642,38 @@ fn snapshot_loop(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_keep_the_io_error_kind() {
+        let full = StorageError::Io {
+            what: "fsync WAL segment",
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(full.is_storage_full());
+        assert_eq!(full.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert!(full.to_string().starts_with("fsync WAL segment: "));
+        let denied = StorageError::Snapshot {
+            what: "write snapshot",
+            seq: 7,
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(!denied.is_storage_full());
+        assert_eq!(denied.io_kind(), Some(std::io::ErrorKind::PermissionDenied));
+        assert!(!StorageError::SnapshotThreadGone.is_storage_full());
+    }
+
+    #[test]
+    fn the_durable_mark_only_moves_forward_and_guards_completions() {
+        let mark = DurableMark::default();
+        mark.advance(3);
+        mark.assert_covers(3);
+        mark.assert_covers(1);
+        assert!(std::panic::catch_unwind(|| mark.assert_covers(4)).is_err());
+        let mark = DurableMark(AtomicU64::new(5));
+        assert!(std::panic::catch_unwind(|| mark.advance(4)).is_err());
+    }
+}

@@ -44,7 +44,7 @@ pub struct DrawRecord {
     pub items: Vec<u32>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record truncated: need {need} bytes, have {have}")]
     Truncated { need: usize, have: usize },

@@ -86,7 +86,7 @@ pub struct LoadReport {
     pub batches_replayed: u64,
     pub records_replayed: u64,
     /// Torn tail: file, offset where it starts, bytes after it, reason.
-    pub torn_tail: Option<(PathBuf, u64, u64, String)>,
+    pub torn_tail: Option<(PathBuf, u64, u64, wal::BatchError)>,
     /// Segments after a torn tail that hold no valid batch.
     pub empty_after_tail: Vec<PathBuf>,
 }
