@@ -677,43 +677,9 @@ fn key_path(text: &str) -> Vec<Seg> {
     path
 }
 
-/// What sits at a place of the configuration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Shape {
-    /// A table of one of the serde structs: its fields.
-    Table(&'static [&'static str]),
-    /// An array of this shape.
-    Array(ShapeOf),
-    Scalar,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ShapeOf {
-    Pool,
-    Item,
-    Scalar,
-}
-
-/// The shape of the child `key` of a table at `path` (None: unknown key).
-fn child_shape(path: &[Seg], key: &str) -> Option<Shape> {
-    let keys = table_keys(path)?;
-    if !keys.contains(&key) {
-        return None;
-    }
-    let depth_keys: Vec<&str> = path
-        .iter()
-        .filter_map(|segment| match segment {
-            Seg::Key(name) => Some(name.as_str()),
-            Seg::Index(_) => None,
-        })
-        .collect();
-    Some(match (depth_keys.as_slice(), key) {
-        ([], "pools") => Shape::Array(ShapeOf::Pool),
-        ([], section) => Shape::Table(section_keys(section)),
-        (["pools"], "items") => Shape::Array(ShapeOf::Item),
-        (["admin"], "allowed_users") => Shape::Array(ShapeOf::Scalar),
-        _ => Shape::Scalar,
-    })
+/// Whether the value at `path` is an array (its next level is an index).
+fn is_array(path: &[Seg]) -> bool {
+    matches!(path.last(), Some(Seg::Key(key)) if ["pools", "items", "allowed_users"].contains(&key.as_str()))
 }
 
 /// The keys of the table at `path`, if a table belongs there.
@@ -863,13 +829,14 @@ fn env_overrides(
             var: name.clone(),
             message,
         };
-        let mut shape = Shape::Table(fields_of::<RawConfig>());
         for (depth, segment) in path.iter().enumerate() {
             let here = &path[..depth];
-            shape = match (shape, segment) {
-                (Shape::Table(_), Seg::Key(key)) => match child_shape(here, key) {
-                    Some(shape) => shape,
-                    None => {
+            match segment {
+                Seg::Key(key) => {
+                    let Some(known) = table_keys(here) else {
+                        return Err(env_error(env_usage(&path)));
+                    };
+                    if !known.contains(&key.as_str()) {
                         return Err(ConfigError::UnknownKey {
                             at: Box::new(Location {
                                 key: key_text(&path),
@@ -877,11 +844,11 @@ fn env_overrides(
                                 item_id: None,
                                 origin: Origin::Env { var: name.clone() },
                             }),
-                            known: table_keys(here).unwrap_or(&[]).join(", "),
+                            known: known.join(", "),
                         });
                     }
-                },
-                (Shape::Array(of), Seg::Index(index)) => {
+                }
+                Seg::Index(index) if is_array(here) => {
                     let array = key_text(here);
                     let length = *lengths
                         .entry(array.clone())
@@ -895,16 +862,12 @@ fn env_overrides(
                     if *index == length {
                         lengths.insert(array, length + 1);
                     }
-                    match of {
-                        ShapeOf::Pool => Shape::Table(fields_of::<RawPool>()),
-                        ShapeOf::Item => Shape::Table(fields_of::<RawItem>()),
-                        ShapeOf::Scalar => Shape::Scalar,
-                    }
                 }
-                _ => return Err(env_error(env_usage(&path))),
-            };
+                Seg::Index(_) => return Err(env_error(env_usage(&path))),
+            }
         }
-        if shape != Shape::Scalar {
+        // One variable sets one scalar: not a table, not a whole array.
+        if table_keys(&path).is_some() || is_array(&path) {
             return Err(env_error(env_usage(&path)));
         }
         let key = key_text(&path);
