@@ -166,13 +166,19 @@ impl StorageError {
     pub fn is_storage_full(&self) -> bool {
         match self {
             StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
-                source.kind() == std::io::ErrorKind::StorageFull
-                    || source.kind() == std::io::ErrorKind::QuotaExceeded
-                    || source.raw_os_error() == Some(libc::ENOSPC)
+                is_disk_full(source)
             }
             StorageError::SnapshotThreadGone => false,
         }
     }
+}
+
+/// ENOSPC or a quota: the one storage failure an operator fixes by freeing space.
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || error.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Counters for benchmarks and logs.

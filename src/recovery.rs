@@ -73,9 +73,7 @@ fn io_error(what: &'static str, path: &Path, error: io::Error) -> RecoveryError 
     }
 }
 
-fn is_disk_full(error: &io::Error) -> bool {
-    error.kind() == io::ErrorKind::StorageFull || error.raw_os_error() == Some(libc::ENOSPC)
-}
+use crate::engine::is_disk_full;
 
 /// What `load` found, for logs and for `recover`'s repairs.
 #[derive(Debug, Default)]
