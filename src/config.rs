@@ -2848,4 +2848,12 @@ weight = 0
         let config = Config::load_with_env(None, &vars).expect("env sets metrics.listen");
         assert_eq!(config.metrics.listen, "0.0.0.0:9100");
     }
+
+    #[test]
+    fn the_deploy_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.example.toml");
+        let config = Config::load_with_env(Some(&path), &[]).expect("the example is valid");
+        assert_eq!(config.amqp.admin_queue, "rewardpool.admin");
+        assert_eq!(config.metrics.listen, "127.0.0.1:9464");
+    }
 }
