@@ -15,7 +15,8 @@ use rewardpool::admission::{Admission, DrawSpec};
 use rewardpool::config::Config;
 use rewardpool::engine::Engine;
 use rewardpool::pool::{DrawRng, Mode};
-use rewardpool::record::{Record, SeedItem};
+use rewardpool::record::Record;
+use rewardpool::seed::{PoolSeed, SeedItem, Stock};
 use rewardpool::snapshot::{self, Image};
 use rewardpool::state::{DrawInput, State};
 use std::path::{Path, PathBuf};
@@ -51,10 +52,10 @@ fn config(data_dir: &Path, batch_records_max: usize) -> Config {
     c
 }
 
-fn item(id: &str, quantity: Option<i64>, weight: Option<i64>) -> rewardpool::config::ItemConfig {
-    rewardpool::config::ItemConfig {
+fn item(id: &str, quantity: Option<u64>, weight: Option<u64>) -> SeedItem {
+    SeedItem {
         id: id.into(),
-        quantity,
+        stock: Stock::from_quantity(quantity),
         weight,
     }
 }
@@ -89,8 +90,7 @@ fn durable_run(cfg: &Config, n: u64, first_key: u64) -> (Duration, u64, u64, u64
         let assigned = admission.assign_blocking(Some(&mid)).unwrap();
         admission
             .submit_blocking(
-                assigned,
-                Some(DrawSpec {
+                assigned.with_draw(DrawSpec {
                     message_id: Some(mid),
                     pool_index: 0,
                     user: "bench-user".into(),
@@ -183,16 +183,18 @@ fn big_state() -> State {
     let items: Vec<SeedItem> = (0..1_000_000)
         .map(|i| SeedItem {
             id: format!("item-{i:07}"),
-            quantity: Some(1000),
+            stock: Stock::Limited(1000),
             weight: None,
         })
         .collect();
     state
         .apply(&Record::Seed {
             pool_index: 0,
-            pool_id: "big".into(),
-            mode: Mode::ByQuantity,
-            items,
+            pool: PoolSeed {
+                id: "big".into(),
+                mode: Mode::ByQuantity,
+                items,
+            },
         })
         .unwrap();
     let mut rng = <DrawRng as rand::SeedableRng>::seed_from_u64(7);

@@ -19,6 +19,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rewardpool::pool::{DrawRng, Mode, Pool};
+use rewardpool::seed::PoolSeed;
 
 const SIZES: [usize; 3] = [10, 10_000, 1_000_000];
 
@@ -36,7 +37,7 @@ fn pool_of(mode: Mode, size: usize) -> Pool {
             }
         })
         .collect();
-    Pool::seed("bench", mode, &items).expect("valid bench pool")
+    Pool::seed(&PoolSeed::from_parts("bench", mode, &items)).expect("valid bench pool")
 }
 
 fn draws(c: &mut Criterion) {

@@ -18,13 +18,53 @@ use crate::state::State;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// An ID handed out, not yet submitted. Must be passed to `submit`.
+/// A new request's ID, handed out, not yet submitted: pass it to `submit` with its draw.
 #[must_use = "an assigned request must be submitted"]
 #[derive(Debug)]
-pub struct Assigned {
+pub struct NewId {
     pub request_id: u64,
-    pub repeat: bool,
     key: Option<MessageKey>,
+}
+
+/// A repeat: the first request's ID. Pass it to `submit` as it is (it draws nothing).
+#[must_use = "an assigned request must be submitted"]
+#[derive(Debug)]
+pub struct RepeatOf {
+    pub request_id: u64,
+    key: MessageKey,
+}
+
+/// What admission decided: a new ID, or the ID of the request this one repeats.
+#[must_use = "an assigned request must be submitted"]
+#[derive(Debug)]
+pub enum Assigned {
+    New(NewId),
+    Repeat(RepeatOf),
+}
+
+impl Assigned {
+    pub fn request_id(&self) -> u64 {
+        match self {
+            Assigned::New(new) => new.request_id,
+            Assigned::Repeat(repeat) => repeat.request_id,
+        }
+    }
+
+    /// The submission: a new request draws `draw`; a repeat ignores it (drills, tests).
+    pub fn with_draw(self, draw: DrawSpec) -> Submission {
+        match self {
+            Assigned::New(new) => Submission::New(new, draw),
+            Assigned::Repeat(repeat) => Submission::Repeat(repeat),
+        }
+    }
+}
+
+/// What goes to the engine: a new request with what it draws, or a repeat (no draw: it is
+/// completed with the first request's pool, user, count and items). No other shape exists.
+#[derive(Debug)]
+pub enum Submission {
+    New(NewId, DrawSpec),
+    Repeat(RepeatOf),
 }
 
 /// What a new request draws.
@@ -78,18 +118,18 @@ impl<T> Admission<T> {
 
     /// The first request's ID if a request with this key was drawn recently or is in flight:
     /// the caller must not look at the body then. `key` is `message_key(message_id)`.
-    pub fn repeat_of(&self, key: Option<MessageKey>) -> Option<Assigned> {
-        let first = key.and_then(|k| self.window.get(&k))?;
-        Some(Assigned {
+    pub fn repeat_of(&self, key: Option<MessageKey>) -> Option<RepeatOf> {
+        let key = key?;
+        let first = self.window.get(&key)?;
+        Some(RepeatOf {
             request_id: *first,
-            repeat: true,
             key,
         })
     }
 
     /// Hands out a new request ID for a key `repeat_of` did not know. Async: waits only if
     /// ingest outran the ID reservation.
-    pub async fn assign_new(&mut self, key: Option<MessageKey>) -> Result<Assigned, EngineGone> {
+    pub async fn assign_new(&mut self, key: Option<MessageKey>) -> Result<NewId, EngineGone> {
         let engine = self.engine.clone();
         let request_id = self.ids.next(move || wake(&engine)).await;
         self.remember(key, request_id)
@@ -100,11 +140,11 @@ impl<T> Admission<T> {
     pub fn assign_blocking(&mut self, message_id: Option<&str>) -> Result<Assigned, EngineGone> {
         let key = message_id.map(message_key);
         if let Some(repeat) = self.repeat_of(key) {
-            return Ok(repeat);
+            return Ok(Assigned::Repeat(repeat));
         }
         let engine = self.engine.clone();
         let request_id = self.ids.next_blocking(move || wake(&engine));
-        self.remember(key, request_id)
+        self.remember(key, request_id).map(Assigned::New)
     }
 
     /// Remembers a new request's ID (`None`: the engine is gone, no ID will come).
@@ -112,60 +152,43 @@ impl<T> Admission<T> {
         &mut self,
         key: Option<MessageKey>,
         request_id: Option<u64>,
-    ) -> Result<Assigned, EngineGone> {
+    ) -> Result<NewId, EngineGone> {
         let request_id = request_id.ok_or(EngineGone)?;
         if let Some(key) = key {
             let inserted = self.window.try_insert(key, request_id);
             assert!(inserted, "a known message_id was given a new ID");
         }
-        Ok(Assigned {
-            request_id,
-            repeat: false,
-            key,
-        })
+        Ok(NewId { request_id, key })
     }
 
-    /// The engine command for an assigned request. A new request needs its `draw`; a repeat
-    /// is completed with the first request's pool, user, count and items, so its own are
-    /// ignored (pass `None`).
-    fn command(assigned: Assigned, draw: Option<DrawSpec>, ticket: T) -> Command<T> {
-        if assigned.repeat {
-            return Command::Repeat(RepeatRequest {
-                request_id: assigned.request_id,
-                key: assigned.key.expect("a repeat has a key"),
+    /// The engine command for a submission.
+    fn command(submission: Submission, ticket: T) -> Command<T> {
+        match submission {
+            Submission::Repeat(repeat) => Command::Repeat(RepeatRequest {
+                request_id: repeat.request_id,
+                key: repeat.key,
                 ticket,
-            });
+            }),
+            Submission::New(new, draw) => Command::Draw(DrawRequest {
+                request_id: new.request_id,
+                message_id: draw.message_id,
+                key: new.key,
+                pool_index: draw.pool_index,
+                user: draw.user,
+                count: draw.count,
+                ticket,
+            }),
         }
-        let draw = draw.expect("a new request comes with what to draw");
-        Command::Draw(DrawRequest {
-            request_id: assigned.request_id,
-            message_id: draw.message_id,
-            key: assigned.key,
-            pool_index: draw.pool_index,
-            user: draw.user,
-            count: draw.count,
-            ticket,
-        })
     }
 
-    /// Sends the assigned request to the engine (waits while the engine's channel is full).
-    pub async fn submit(
-        &mut self,
-        assigned: Assigned,
-        draw: Option<DrawSpec>,
-        ticket: T,
-    ) -> Result<(), EngineGone> {
-        let command = Self::command(assigned, draw, ticket);
+    /// Sends the request to the engine (waits while the engine's channel is full).
+    pub async fn submit(&mut self, submission: Submission, ticket: T) -> Result<(), EngineGone> {
+        let command = Self::command(submission, ticket);
         self.engine.send(command).await.map_err(|_| EngineGone)
     }
 
-    pub fn submit_blocking(
-        &mut self,
-        assigned: Assigned,
-        draw: Option<DrawSpec>,
-        ticket: T,
-    ) -> Result<(), EngineGone> {
-        let command = Self::command(assigned, draw, ticket);
+    pub fn submit_blocking(&mut self, submission: Submission, ticket: T) -> Result<(), EngineGone> {
+        let command = Self::command(submission, ticket);
         self.engine.blocking_send(command).map_err(|_| EngineGone)
     }
 }
@@ -198,17 +221,29 @@ mod tests {
         let second = a.assign_blocking(Some("m-2")).unwrap();
         let anonymous = a.assign_blocking(None).unwrap();
         assert_eq!(
-            (first.request_id, second.request_id, anonymous.request_id),
+            (
+                first.request_id(),
+                second.request_id(),
+                anonymous.request_id()
+            ),
             (1, 2, 3)
         );
-        assert!(!first.repeat && !second.repeat && !anonymous.repeat);
+        assert!(
+            [&first, &second, &anonymous]
+                .iter()
+                .all(|a| matches!(a, Assigned::New(_)))
+        );
         let again = a.assign_blocking(Some("m-1")).unwrap();
-        assert!(again.repeat);
-        assert_eq!(again.request_id, 1, "a repeat meets its first request's ID");
+        assert!(matches!(again, Assigned::Repeat(_)));
+        assert_eq!(
+            again.request_id(),
+            1,
+            "a repeat meets its first request's ID"
+        );
         // A repeat takes no ID: the next new request continues the sequence.
-        assert_eq!(a.assign_blocking(Some("m-3")).unwrap().request_id, 4);
+        assert_eq!(a.assign_blocking(Some("m-3")).unwrap().request_id(), 4);
         // Without a message_id there is no repeat: each is new.
-        assert!(!a.assign_blocking(None).unwrap().repeat);
+        assert!(matches!(a.assign_blocking(None).unwrap(), Assigned::New(_)));
     }
 
     #[test]
@@ -219,7 +254,7 @@ mod tests {
         assert!(a.repeat_of(None).is_none());
         let _ = a.assign_blocking(Some("m-1")).unwrap();
         let repeat = a.repeat_of(key).expect("known now");
-        assert_eq!((repeat.request_id, repeat.repeat), (1, true));
+        assert_eq!(repeat.request_id, 1);
     }
 
     #[test]
@@ -239,10 +274,13 @@ mod tests {
     fn submit_sends_a_draw_for_a_new_request_and_a_repeat_for_a_repeat() {
         let (mut a, mut rx) = admission(100);
         let first = a.assign_blocking(Some("m-1")).unwrap();
-        a.submit_blocking(first, Some(spec(Some("m-1"))), 10)
+        a.submit_blocking(first.with_draw(spec(Some("m-1"))), 10)
             .unwrap();
         let again = a.assign_blocking(Some("m-1")).unwrap();
-        a.submit_blocking(again, None, 11).unwrap();
+        let Assigned::Repeat(again) = again else {
+            panic!("a repeat")
+        };
+        a.submit_blocking(Submission::Repeat(again), 11).unwrap();
         match rx.try_recv().unwrap() {
             Command::Draw(d) => {
                 assert_eq!(d.request_id, 1);
@@ -276,7 +314,7 @@ mod tests {
             "no ID, not remembered"
         );
         assert!(matches!(
-            a.submit_blocking(only, Some(spec(Some("m-1"))), 1),
+            a.submit_blocking(only.with_draw(spec(Some("m-1"))), 1),
             Err(EngineGone)
         ));
     }
@@ -295,7 +333,7 @@ mod tests {
             }
         });
         let assigned = a.assign_new(Some(message_key("m-1"))).await.unwrap();
-        assert_eq!((assigned.request_id, assigned.repeat), (1, false));
+        assert_eq!(assigned.request_id, 1);
         engine.await.unwrap();
     }
 }

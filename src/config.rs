@@ -2,149 +2,115 @@
 //!
 //! The configuration is a TOML file read with the `config` crate. Every key can be
 //! overridden from the environment with the prefix `REWARDPOOL__` and `__` between levels
-//! (`REWARDPOOL__AMQP__URL`, `REWARDPOOL__STORAGE__DATA_DIR`,
-//! `REWARDPOOL__POOLS__1__ITEMS__0__QUANTITY`). Without a file the worker runs on
-//! [`Config::builtin`].
+//! (`REWARDPOOL__AMQP__URL`, `REWARDPOOL__POOLS__1__ITEMS__0__QUANTITY`). Without a file the
+//! worker runs on [`Config::builtin`].
 //!
-//! Why the module looks the way it does:
+//! Two types, two stages:
 //!
-//! * Operators read the errors, so every error says what is wrong and where: the key path
-//!   (`pools[1].items[2].weight`, indices 0-based), the ids of the pool and item, and the origin
-//!   of the value (file and line, environment variable, or built-in default). Line numbers are
-//!   found by a small, conservative scan of the file text; when the scan is not sure it reports
-//!   no line rather than a wrong one.
-//! * Unknown keys are errors (`deny_unknown_fields` for the file; an explicit key list for the
-//!   environment, so the error can name the variable).
-//! * Environment values are passed to `config` as strings (`try_parsing` off): string keys keep
-//!   their exact text (a queue named `007` stays `007`), and numbers are parsed by this module's
-//!   strict integer deserializer, which also rejects floats and booleans that `config` would
-//!   otherwise round or turn into 0/1.
-//! * Pools are arrays of tables, which the `config` crate cannot address from the environment;
-//!   this module applies `REWARDPOOL__POOLS__<i>__...` overrides itself, to existing entries only.
-//! * Secrets: the AMQP password never appears in an error (`Display` or `Debug`) nor in the
-//!   `Debug` of [`AmqpConfig`]; use [`AmqpConfig::url_redacted`] for logs.
+//! * [`RawConfig`] is what serde reads (`deny_unknown_fields`: an unknown key is an error);
+//!   quantities and weights are signed there so that a negative value reaches the rules.
+//! * [`Config`] is what the worker gets: every rule checked, pools as [`PoolSeed`]s (stock is
+//!   [`Stock`], never a signed number). [`RawConfig::validate`] is the only way from one to the
+//!   other; the pool and item rules themselves live in [`crate::seed`] and know no file.
+//!
+//! Loading: `config` layers the built-in pools (no file) or the file, then one override per
+//! environment variable. The variables are checked by one small walk over the key schema
+//! (taken from the serde structs themselves, no hand-kept key lists): a numeric segment
+//! indexes an array, so the environment can edit pool entries or append one at the end.
+//! Values stay strings (`"007"` stays `"007"`); integers are parsed by `strict_int`, which
+//! also rejects the floats and booleans `config` would round or turn into 0/1.
+//!
+//! Errors name the key path (`pools[1].items[2].weight`, indices 0-based), the pool and item
+//! ids and the origin of the value: the file and line (from `toml`'s spans), the environment
+//! variable, or the built-in default. The AMQP password never appears in an error nor in the
+//! `Debug` of [`AmqpConfig`]; use [`AmqpConfig::url_redacted`] for logs.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::limits::{
+    AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
+    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
+    SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX, SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
+};
+pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
+use crate::seed::{RuleError, shorten as shorten_plain};
 
 /// Prefix of environment overrides (followed by [`ENV_SEPARATOR`]).
 pub const ENV_PREFIX: &str = "REWARDPOOL";
 /// Separator between the prefix and each level of an environment override.
 pub const ENV_SEPARATOR: &str = "__";
 
-/// Longest pool or item id, in bytes.
-pub const MAX_ID_BYTES: usize = 128;
-/// Largest item quantity (2^40).
-pub const MAX_QUANTITY: u64 = 1 << 40;
-/// Largest item weight (2^32).
-pub const MAX_WEIGHT: u64 = 1 << 32;
-/// Most items in one pool (2^24).
-pub const MAX_ITEMS_PER_POOL: usize = 1 << 24;
-/// Most pools in one configuration.
-pub const MAX_POOLS: usize = 1024;
-/// Longest queue or exchange name, in bytes (AMQP short string).
-pub const MAX_AMQP_NAME_BYTES: usize = 255;
-/// Largest `storage.dedupe_window`.
-pub const MAX_DEDUPE_WINDOW: usize = 10_000_000;
-/// Largest connect/operation timeout and reconnect backoff (1 hour).
-pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
-/// Largest `amqp.shutdown_deadline_ms` (1 hour).
-pub const MAX_SHUTDOWN_DEADLINE_MS: u64 = 3_600_000;
-/// Largest `storage.batch_records_max`.
-pub const MAX_BATCH_RECORDS: usize = 1 << 20;
-/// Largest `storage.channel_capacity`.
-pub const MAX_CHANNEL_CAPACITY: usize = 1 << 20;
-/// Largest `storage.snapshot_every_records`.
-pub const MAX_SNAPSHOT_EVERY_RECORDS: u64 = 1 << 40;
-/// Largest `storage.segment_bytes_max` (4 GiB).
-pub const MAX_SEGMENT_BYTES: u64 = 1 << 32;
-/// Largest `storage.id_block_size`.
-pub const MAX_ID_BLOCK_SIZE: u64 = 1 << 32;
+/// The built-in pool of the contract, used when no file is given.
+const BUILTIN_POOLS_TOML: &str = r#"
+[[pools]]
+id = "default"
+mode = "by_quantity"
+items = [
+  { id = "gold", quantity = 10 },
+  { id = "silver", quantity = 100 },
+  { id = "bronze", quantity = 1000 },
+]
+"#;
 
-const TOP_KEYS: &[&str] = &["amqp", "storage", "pools", "metrics", "log"];
-const METRICS_KEYS: &[&str] = &["listen"];
-const LOG_KEYS: &[&str] = &["format"];
-const AMQP_KEYS: &[&str] = &[
-    "url",
-    "request_queue",
-    "result_queue",
-    "dead_letter_queue",
-    "prefetch",
-    "queue_type",
-    "delivery_limit",
-    "connect_timeout_ms",
-    "operation_timeout_ms",
-    "reconnect_backoff_min_ms",
-    "reconnect_backoff_max_ms",
-    "shutdown_deadline_ms",
-    "dead_letter_exchange",
-    "tls_ca_file",
-    "tls_cert_file",
-    "tls_key_file",
-];
-const STORAGE_KEYS: &[&str] = &[
-    "data_dir",
-    "dedupe_window",
-    "batch_records_max",
-    "channel_capacity",
-    "snapshot_every_records",
-    "segment_bytes_max",
-    "id_block_size",
-    "rng_seed",
-];
-const POOL_KEYS: &[&str] = &["id", "mode", "items"];
-const ITEM_KEYS: &[&str] = &["id", "quantity", "weight"];
+// ---------------------------------------------------------------------------------------------
+// The types
 
-/// The whole worker configuration.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+/// The whole configuration as read, before any rule is checked.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct RawConfig {
     #[serde(default)]
     pub amqp: AmqpConfig,
     #[serde(default)]
     pub storage: StorageConfig,
-    /// From the file only when a file is given; the built-in pool otherwise.
     #[serde(default)]
-    pub pools: Vec<PoolConfig>,
+    pub admin: AdminConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
 }
 
-/// `[metrics]`: the HTTP listener for /metrics, /healthz and /readyz.
+/// One `[[pools]]` entry as read.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MetricsConfig {
-    /// `host:port`; "" = off.
-    pub listen: String,
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub id: String,
+    pub mode: Mode,
+    /// Missing `items` reads as empty and fails validation as "no items".
+    #[serde(default)]
+    pub items: Vec<RawItem>,
 }
 
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9464".to_owned(),
-        }
-    }
+/// One item as read. Signed, so that negative values reach the rules.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawItem {
+    pub id: String,
+    /// Absent: unlimited (only in `by_weight` pools).
+    #[serde(default, deserialize_with = "strict_int::opt")]
+    pub quantity: Option<i64>,
+    /// Required in `by_weight` pools, forbidden in `by_quantity` pools.
+    #[serde(default, deserialize_with = "strict_int::opt")]
+    pub weight: Option<i64>,
 }
 
-/// `[log]`: how log lines are written to stderr.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    pub format: LogFormat,
-}
-
-/// `log.format`: `text` (no colour unless stderr is a terminal) or `json` (one object a line).
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
+/// The validated configuration the worker runs on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub amqp: AmqpConfig,
+    pub storage: StorageConfig,
+    pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    /// At least one; ids unique; every pool and item follows [`crate::seed`]'s rules.
+    pub pools: Vec<PoolSeed>,
 }
 
 /// `[amqp]`: broker connection and broker objects.
@@ -156,7 +122,9 @@ pub struct AmqpConfig {
     pub request_queue: String,
     pub result_queue: String,
     pub dead_letter_queue: String,
-    /// Unacked deliveries in flight (`basic_qos`), 1..=65535.
+    /// Admin commands (contract: Admin commands).
+    pub admin_queue: String,
+    /// Unacked deliveries in flight (`basic_qos`).
     #[serde(deserialize_with = "strict_int::int")]
     pub prefetch: u16,
     pub queue_type: QueueType,
@@ -175,11 +143,13 @@ pub struct AmqpConfig {
     pub shutdown_deadline_ms: u64,
     /// Empty: derived as `<request_queue>.dlx` (see [`AmqpConfig::dead_letter_exchange_name`]).
     pub dead_letter_exchange: String,
-    /// amqps://: PEM file of CA certificates to trust for the broker ("" = unset).
+    /// PEM CA file for `amqps://` ("" = built-in roots).
     pub tls_ca_file: String,
-    /// amqps://: PEM client certificate (chain) and its PKCS#8 PEM key, both or neither.
+    /// PEM client certificate and key ("" = none; both or neither).
     pub tls_cert_file: String,
     pub tls_key_file: String,
+    /// Routing exchange of a sharded deployment ("" = none).
+    pub exchange: String,
 }
 
 impl Default for AmqpConfig {
@@ -189,6 +159,7 @@ impl Default for AmqpConfig {
             request_queue: "rewardpool.requests".to_owned(),
             result_queue: "rewardpool.results".to_owned(),
             dead_letter_queue: "rewardpool.dead".to_owned(),
+            admin_queue: "rewardpool.admin".to_owned(),
             prefetch: 1000,
             queue_type: QueueType::Quorum,
             delivery_limit: 20,
@@ -201,6 +172,7 @@ impl Default for AmqpConfig {
             tls_ca_file: String::new(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
+            exchange: String::new(),
         }
     }
 }
@@ -230,6 +202,7 @@ impl fmt::Debug for AmqpConfig {
             .field("request_queue", &self.request_queue)
             .field("result_queue", &self.result_queue)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("admin_queue", &self.admin_queue)
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
@@ -242,34 +215,52 @@ impl fmt::Debug for AmqpConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("exchange", &self.exchange)
             .finish()
     }
 }
 
-/// `amqp.queue_type`: the type of all three queues.
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    Quorum,
-    Classic,
+/// Enums read from a string with a message that lists the accepted values.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Hash, Default)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { #[default] $($variant),+ }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                $(if text == $text { return Ok($name::$variant); })+
+                let accepted = [$(concat!("\"", $text, "\"")),+].join(" or ");
+                Err(serde::de::Error::custom(format!("must be {accepted}, got {:?}", shorten(&text))))
+            }
+        }
+    };
 }
 
-impl QueueType {
-    /// The value of the `x-queue-type` argument: `quorum` or `classic`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
-    }
-}
+text_enum!(
+    /// `amqp.queue_type`: the type of every queue the worker declares.
+    QueueType { Quorum = "quorum", Classic = "classic" }
+);
+
+text_enum!(
+    /// `log.format`: plain text or one JSON object per line.
+    LogFormat { Text = "text", Json = "json" }
+);
 
 /// `[storage]`: WAL, snapshots, idempotency.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
-    /// Drawn requests remembered for idempotency, 1..=10,000,000.
+    /// Drawn requests remembered for idempotency.
     #[serde(deserialize_with = "strict_int::int")]
     pub dedupe_window: usize,
     #[serde(deserialize_with = "strict_int::int")]
@@ -305,64 +296,50 @@ impl Default for StorageConfig {
     }
 }
 
-/// One `[[pools]]` entry.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PoolConfig {
-    pub id: String,
-    pub mode: Mode,
-    /// Missing `items` deserializes as empty and fails validation as "no items".
-    #[serde(default)]
-    pub items: Vec<ItemConfig>,
+/// `[admin]`: who may send admin commands.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Broker users whose commands are applied; empty = any user the broker lets publish.
+    pub allowed_users: Vec<String>,
 }
 
-pub use crate::pool::Mode;
-
-/// One item of a pool. Signed so that negative values reach validation.
+/// `[metrics]`: the HTTP endpoint.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ItemConfig {
-    pub id: String,
-    /// Absent: unlimited (only in `by_weight` pools).
-    #[serde(
-        default,
-        deserialize_with = "strict_int::opt",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub quantity: Option<i64>,
-    /// Required in `by_weight` pools, forbidden in `by_quantity` pools.
-    #[serde(
-        default,
-        deserialize_with = "strict_int::opt",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub weight: Option<i64>,
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A socket address (`127.0.0.1:9464`); "" = off.
+    pub listen: String,
 }
 
-impl ItemConfig {
-    /// The quantity; `None` means unlimited. Valid only after [`Config::validate`]
-    /// (a negative quantity also gives `None`).
-    pub fn quantity_u64(&self) -> Option<u64> {
-        self.quantity
-            .and_then(|quantity| u64::try_from(quantity).ok())
-    }
-
-    /// The weight; `None` in `by_quantity` pools. Valid only after [`Config::validate`].
-    pub fn weight_u64(&self) -> Option<u64> {
-        self.weight.and_then(|weight| u64::try_from(weight).ok())
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".to_owned(),
+        }
     }
 }
+
+/// `[log]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
 
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
-    /// The config file; the line (1-based) when it could be found.
+    /// The config file; the line (1-based) when the key is in it.
     File { path: PathBuf, line: Option<usize> },
     /// An environment override.
     Env { var: String },
     /// The built-in default.
     Default,
-    /// Not known (e.g. [`Config::validate`] on a config built in code).
+    /// Not known (e.g. [`RawConfig::validate`] on a value built in code).
     Unknown,
 }
 
@@ -423,7 +400,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
 
-    /// TOML syntax error; `message` is the parser's, with line, column and snippet.
+    /// TOML syntax error; `message` is the parser's.
     #[error("syntax error in config file {}{}: {message}", path.display(), line_suffix(*line))]
     Syntax {
         path: PathBuf,
@@ -452,42 +429,19 @@ pub enum ConfigError {
     #[error("no pools configured{origin}: add at least one [[pools]] table")]
     NoPools { origin: Origin },
 
-    #[error("{at}: pool has no items")]
-    EmptyPool { at: Box<Location> },
-
-    #[error("{at}: duplicate pool id {id:?}, already used by {first}")]
-    DuplicatePoolId {
+    /// A pool or item rule of [`crate::seed`], at a place in the configuration.
+    #[error("{at}: {rule}{}", first.as_ref().map(|first| format!(", already used by {first}")).unwrap_or_default())]
+    Rule {
         at: Box<Location>,
-        id: String,
-        first: Box<Location>,
+        rule: RuleError,
+        /// For duplicate ids: where the id is first used.
+        first: Option<Box<Location>>,
     },
-
-    #[error("{at}: duplicate item id {id:?} in this pool, already used by {first}")]
-    DuplicateItemId {
-        at: Box<Location>,
-        id: String,
-        first: Box<Location>,
-    },
-
-    #[error("{at}: quantity must not be negative, got {value} (use 0 for a sold-out item)")]
-    NegativeQuantity { at: Box<Location>, value: i64 },
-
-    #[error("{at}: weight must be greater than 0, got {value}")]
-    NonPositiveWeight { at: Box<Location>, value: i64 },
-
-    #[error("{at}: missing weight: every item of a by_weight pool needs a weight")]
-    MissingWeight { at: Box<Location> },
-
-    #[error("{at}: weight is not allowed in a by_quantity pool (draws follow the quantities)")]
-    UnexpectedWeight { at: Box<Location> },
-
-    #[error("{at}: missing quantity: unlimited items are only allowed in by_weight pools")]
-    UnlimitedItem { at: Box<Location> },
 
     #[error("{at}: {what} must be between {min} and {max}, got {value}")]
     OutOfRange {
         at: Box<Location>,
-        what: &'static str,
+        what: String,
         value: String,
         min: String,
         max: String,
@@ -502,19 +456,17 @@ fn line_suffix(line: Option<usize>) -> String {
         .unwrap_or_default()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Loading
+
 impl Config {
     /// Built-in defaults of the contract (no file).
     pub fn builtin() -> Config {
-        Config {
-            amqp: AmqpConfig::default(),
-            storage: StorageConfig::default(),
-            pools: builtin_pools(),
-            metrics: MetricsConfig::default(),
-            log: LogConfig::default(),
-        }
+        Config::load_with_env(None, &[]).expect("the built-in configuration is valid")
     }
 
-    /// Load: defaults, then the file (if Some), then REWARDPOOL__ environment overrides; then validate.
+    /// Load: defaults, then the file (if Some), then `REWARDPOOL__` environment overrides;
+    /// then validate.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut env = Vec::new();
         for (name, value) in std::env::vars_os() {
@@ -522,7 +474,7 @@ impl Config {
             let Ok(name) = name.into_string() else {
                 continue;
             };
-            if !is_ours(&name) {
+            if !name.to_lowercase().starts_with(&env_prefix_lowercase()) {
                 continue;
             }
             match value.into_string() {
@@ -538,57 +490,56 @@ impl Config {
         Self::load_with_env(file, &env)
     }
 
-    /// Same but with an explicit environment (for tests: do not mutate the process env in tests; use this).
+    /// Same with an explicit environment (tests use this, never the process environment).
     pub fn load_with_env(
         file: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
-        let overrides = classify_env(env)?;
-        let file_ctx = match file {
-            Some(path) => Some(FileCtx::read(path)?),
+        let file = match file {
+            Some(path) => Some(SourceFile::read(path)?),
             None => None,
         };
+        let text = file.as_ref().map_or(BUILTIN_POOLS_TOML, |file| &file.text);
+        let base = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|error| ConfigError::Load {
+                message: redact_secrets(&error.to_string()),
+            })?;
+        let overrides = env_overrides(env, &base)?;
+        let mut builder = config::Config::builder().add_source(base);
+        for var in &overrides {
+            builder = builder
+                .set_override(var.config_path.as_str(), var.value.clone())
+                .map_err(|error| ConfigError::Env {
+                    var: var.name.clone(),
+                    message: redact_secrets(&error.to_string()),
+                })?;
+        }
+        let tree = builder.build().map_err(|error| ConfigError::Load {
+            message: redact_secrets(&error.to_string()),
+        })?;
         let ctx = Ctx {
-            file: file_ctx.as_ref(),
+            file: file.as_ref(),
             env: overrides
                 .iter()
                 .map(|var| (var.key.clone(), var.name.clone()))
                 .collect(),
             loaded: true,
+            tree: Some(&tree),
         };
-
-        let section_env: HashMap<String, String> = overrides
-            .iter()
-            .filter(|var| matches!(var.target, EnvTarget::Section))
-            .map(|var| (var.name.clone(), var.value.clone()))
-            .collect();
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator(ENV_SEPARATOR)
-            .separator(ENV_SEPARATOR)
-            // Off on purpose: values stay strings, so string keys keep their exact text
-            // ("007" stays "007"); numbers are parsed by `strict_int`.
-            .try_parsing(false)
-            .source(Some(section_env));
-        let mut builder = config::Config::builder();
-        if let Some(file_ctx) = &file_ctx {
-            builder = builder.add_source(file_ctx.tree.clone());
-        }
-        let tree = builder
-            .add_source(environment)
-            .build()
-            .map_err(|error| ctx.load_error(error))?;
-        let mut config: Config = tree
+        let document: config::Value = tree
+            .clone()
             .try_deserialize()
             .map_err(|error| ctx.deserialize_error(error))?;
-        if file.is_none() {
-            config.pools = builtin_pools();
-        }
-        for var in &overrides {
-            config.apply_pool_override(var)?;
-        }
-        config.validate_in(&ctx)?;
+        check_known_keys(&ctx, &document, &mut Vec::new())?;
+        let raw: RawConfig = tree
+            .clone()
+            .try_deserialize()
+            .map_err(|error| ctx.deserialize_error(error))?;
+        let config = raw.validate_in(&ctx)?;
         tracing::debug!(
-            file = ?file,
+            file = ?file.as_ref().map(|file| &file.path),
             url = %config.amqp.url_redacted(),
             pools = config.pools.len(),
             "configuration loaded"
@@ -596,325 +547,538 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks every rule of the contract and this module's bounds; the first problem found is
-    /// returned. Without the load context, errors carry key paths and ids but no origin.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// The pool with this id.
+    pub fn pool(&self, id: &str) -> Option<&PoolSeed> {
+        self.pools.iter().find(|pool| pool.id == id)
+    }
+}
+
+/// The file as read: its path and text (for lines).
+struct SourceFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl SourceFile {
+    fn read(path: &Path) -> Result<SourceFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::FileNotFound {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ConfigError::FileRead {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        if let Err(error) = toml::de::DeTable::parse(&text) {
+            return Err(ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line: error.span().map(|span| line_at(&text, span.start)),
+                message: redact_secrets(error.message()),
+            });
+        }
+        Ok(SourceFile {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    /// The line of `key` in the file: of the key itself, or (`ancestor`) of the nearest
+    /// enclosing key or table that is in the file.
+    fn line_of(&self, key: &[Seg], ancestor: bool) -> Option<usize> {
+        use toml::de::DeValue;
+        let document = toml::de::DeTable::parse(&self.text).ok()?;
+        let root = DeValue::Table(document.into_inner());
+        let mut value = &root;
+        let mut found = None;
+        for segment in key {
+            let next = match (segment, value) {
+                (Seg::Key(name), DeValue::Table(table)) => table
+                    .iter()
+                    .find(|(k, _)| k.get_ref().as_ref() == name.as_str())
+                    .map(|(k, v)| (k.span().start, v.get_ref())),
+                (Seg::Index(index), DeValue::Array(items)) => {
+                    items.get(*index).map(|v| (v.span().start, v.get_ref()))
+                }
+                _ => None,
+            };
+            match next {
+                Some((start, next)) => {
+                    found = Some(line_at(&self.text, start));
+                    value = next;
+                }
+                None if ancestor => return found,
+                None => return None,
+            }
+        }
+        found
+    }
+}
+
+/// The 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&byte| byte == b'\n')
+        .count()
+        + 1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key paths and the key schema
+
+/// One level of a key path.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+/// `pools[1].items[2].weight`.
+fn key_text(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for segment in path {
+        match segment {
+            Seg::Key(name) if out.is_empty() => out.push_str(name),
+            Seg::Key(name) => {
+                out.push('.');
+                out.push_str(name);
+            }
+            Seg::Index(index) => out.push_str(&format!("[{index}]")),
+        }
+    }
+    out
+}
+
+/// The inverse of [`key_text`] (also reads the `config` crate's `pools[1]items[0]id`).
+fn key_path(text: &str) -> Vec<Seg> {
+    let mut path = Vec::new();
+    let mut name = String::new();
+    let mut chars = text.chars();
+    while let Some(character) = chars.next() {
+        if character != '.' && character != '[' {
+            name.push(character);
+            continue;
+        }
+        if !name.is_empty() {
+            path.push(Seg::Key(std::mem::take(&mut name)));
+        }
+        if character == '[' {
+            let digits: String = chars.by_ref().take_while(|c| *c != ']').collect();
+            path.push(Seg::Index(digits.parse().unwrap_or(usize::MAX)));
+        }
+    }
+    if !name.is_empty() {
+        path.push(Seg::Key(name));
+    }
+    path
+}
+
+/// Whether the value at `path` is an array (its next level is an index).
+fn is_array(path: &[Seg]) -> bool {
+    matches!(path.last(), Some(Seg::Key(key)) if ["pools", "items", "allowed_users"].contains(&key.as_str()))
+}
+
+/// The keys of the table at `path`, if a table belongs there.
+fn table_keys(path: &[Seg]) -> Option<&'static [&'static str]> {
+    match path {
+        [] => Some(fields_of::<RawConfig>()),
+        [Seg::Key(section)] if section != "pools" => Some(section_keys(section)),
+        [Seg::Key(pools), Seg::Index(_)] if pools == "pools" => Some(fields_of::<RawPool>()),
+        [
+            Seg::Key(pools),
+            Seg::Index(_),
+            Seg::Key(items),
+            Seg::Index(_),
+        ] if pools == "pools" && items == "items" => Some(fields_of::<RawItem>()),
+        _ => None,
+    }
+}
+
+fn section_keys(section: &str) -> &'static [&'static str] {
+    match section {
+        "amqp" => fields_of::<AmqpConfig>(),
+        "storage" => fields_of::<StorageConfig>(),
+        "admin" => fields_of::<AdminConfig>(),
+        "metrics" => fields_of::<MetricsConfig>(),
+        "log" => fields_of::<LogConfig>(),
+        _ => &[],
+    }
+}
+
+/// The field names of a serde struct, asked from serde itself (so no key list can drift).
+fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    use serde::de::{self, Visitor};
+
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+
+    impl<'de> serde::Deserializer<'de> for Probe<'_> {
+        type Error = de::value::Error;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(de::Error::custom("probe"))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(de::Error::custom("probe"))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+/// Every key of the loaded tree is one the structs know.
+fn check_known_keys(
+    ctx: &Ctx<'_>,
+    value: &config::Value,
+    path: &mut Vec<Seg>,
+) -> Result<(), ConfigError> {
+    match &value.kind {
+        config::ValueKind::Table(table) => {
+            let Some(known) = table_keys(path) else {
+                return Ok(());
+            };
+            let mut keys: Vec<&String> = table.keys().collect();
+            keys.sort();
+            for key in keys {
+                path.push(Seg::Key(key.clone()));
+                if !known.contains(&key.as_str()) {
+                    return Err(ConfigError::UnknownKey {
+                        at: ctx.location_of(path),
+                        known: known.join(", "),
+                    });
+                }
+                check_known_keys(ctx, &table[key], path)?;
+                path.pop();
+            }
+        }
+        config::ValueKind::Array(items) => {
+            for (index, item) in items.iter().enumerate() {
+                path.push(Seg::Index(index));
+                check_known_keys(ctx, item, path)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Environment
+
+/// One `REWARDPOOL__...` variable, checked against the schema.
+#[derive(Debug)]
+struct EnvOverride {
+    name: String,
+    value: String,
+    /// Canonical key (`pools[1].items[0].quantity`), also the `config` crate's path syntax.
+    key: String,
+    config_path: String,
+}
+
+fn env_prefix_lowercase() -> String {
+    format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase()
+}
+
+/// Our variables, in key order (indices numerically, so an appended entry's fields come
+/// after the entries before it), each walked down the key schema to one scalar key.
+fn env_overrides(
+    env: &[(String, String)],
+    base: &config::Config,
+) -> Result<Vec<EnvOverride>, ConfigError> {
+    let prefix = env_prefix_lowercase();
+    let mut vars: Vec<(Vec<Seg>, &String, &String)> = Vec::new();
+    for (name, value) in env {
+        let lowercase = name.to_lowercase();
+        let Some(rest) = lowercase.strip_prefix(&prefix) else {
+            continue;
+        };
+        let path = rest
+            .split(ENV_SEPARATOR)
+            .map(|segment| match segment.parse::<usize>() {
+                Ok(index) if segment.bytes().all(|byte| byte.is_ascii_digit()) => Seg::Index(index),
+                _ => Seg::Key(segment.to_owned()),
+            })
+            .collect();
+        vars.push((path, name, value));
+    }
+    vars.sort();
+    // Lengths of the arrays so far (file, then earlier variables).
+    let mut lengths: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out: Vec<EnvOverride> = Vec::new();
+    for (path, name, value) in vars {
+        let env_error = |message: String| ConfigError::Env {
+            var: name.clone(),
+            message,
+        };
+        for (depth, segment) in path.iter().enumerate() {
+            let here = &path[..depth];
+            match segment {
+                Seg::Key(key) => {
+                    let Some(known) = table_keys(here) else {
+                        return Err(env_error(env_usage(&path)));
+                    };
+                    if !known.contains(&key.as_str()) {
+                        return Err(ConfigError::UnknownKey {
+                            at: Box::new(Location {
+                                key: key_text(&path),
+                                pool_id: None,
+                                item_id: None,
+                                origin: Origin::Env { var: name.clone() },
+                            }),
+                            known: known.join(", "),
+                        });
+                    }
+                }
+                Seg::Index(index) if is_array(here) => {
+                    let array = key_text(here);
+                    let length = *lengths
+                        .entry(array.clone())
+                        .or_insert_with(|| base.get_array(&array).map_or(0, |items| items.len()));
+                    if *index > length {
+                        return Err(env_error(format!(
+                            "there is no {array}[{index}] ({array} has {length} entries, indices 0-based); \
+                             the environment can change an entry or add one at the end ({array}[{length}])"
+                        )));
+                    }
+                    if *index == length {
+                        lengths.insert(array, length + 1);
+                    }
+                }
+                Seg::Index(_) => return Err(env_error(env_usage(&path))),
+            }
+        }
+        // One variable sets one scalar: not a table, not a whole array.
+        if table_keys(&path).is_some() || is_array(&path) {
+            return Err(env_error(env_usage(&path)));
+        }
+        let key = key_text(&path);
+        if let Some(previous) = out.iter().find(|var| var.key == key) {
+            return Err(env_error(format!(
+                "sets key `{key}`, which {} already sets",
+                previous.name
+            )));
+        }
+        out.push(EnvOverride {
+            name: name.clone(),
+            value: value.clone(),
+            config_path: key.clone(),
+            key,
+        });
+    }
+    Ok(out)
+}
+
+fn env_usage(path: &[Seg]) -> String {
+    if matches!(path.first(), Some(Seg::Key(top)) if top == "pools") {
+        format!(
+            "pools can be overridden only key by key, as {ENV_PREFIX}__POOLS__<i>__ID, \
+             {ENV_PREFIX}__POOLS__<i>__MODE or {ENV_PREFIX}__POOLS__<i>__ITEMS__<j>__{{ID,QUANTITY,WEIGHT}} \
+             (indices 0-based)"
+        )
+    } else {
+        format!(
+            "names no single key; use one variable per key, e.g. {ENV_PREFIX}{ENV_SEPARATOR}AMQP{ENV_SEPARATOR}URL"
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Origins
+
+/// Where the values of a load came from.
+struct Ctx<'a> {
+    file: Option<&'a SourceFile>,
+    /// Canonical key → environment variable that set it.
+    env: BTreeMap<String, String>,
+    /// False for [`RawConfig::validate`]: origins are unknown.
+    loaded: bool,
+    /// The merged tree, for pool and item ids in errors found before validation.
+    tree: Option<&'a config::Config>,
+}
+
+impl Ctx<'_> {
+    fn none() -> Ctx<'static> {
+        Ctx {
+            file: None,
+            env: BTreeMap::new(),
+            loaded: false,
+            tree: None,
+        }
+    }
+
+    fn origin(&self, path: &[Seg]) -> Origin {
+        if let Some(var) = self.env.get(&key_text(path)) {
+            return Origin::Env { var: var.clone() };
+        }
+        if !self.loaded {
+            return Origin::Unknown;
+        }
+        let Some(file) = self.file else {
+            return Origin::Default;
+        };
+        let in_pools = matches!(path.first(), Some(Seg::Key(top)) if top == "pools");
+        // A pool or an item as a whole: the line of its id, if it has one.
+        let line = match path.last() {
+            Some(Seg::Index(_)) if in_pools => {
+                let mut id = path.to_vec();
+                id.push(Seg::Key("id".to_owned()));
+                file.line_of(&id, false)
+            }
+            _ => None,
+        };
+        match line.or_else(|| file.line_of(path, in_pools)) {
+            Some(line) => Origin::File {
+                path: file.path.clone(),
+                line: Some(line),
+            },
+            None if in_pools => Origin::File {
+                path: file.path.clone(),
+                line: None,
+            },
+            None => Origin::Default,
+        }
+    }
+
+    fn location(&self, key: &str, pool_id: Option<&str>, item_id: Option<&str>) -> Box<Location> {
+        Box::new(Location {
+            key: key.to_owned(),
+            pool_id: pool_id.map(shorten),
+            item_id: item_id.map(shorten),
+            origin: self.origin(&key_path(key)),
+        })
+    }
+
+    /// A location with the pool and item ids read from the loaded tree.
+    fn location_of(&self, path: &[Seg]) -> Box<Location> {
+        let id_at = |prefix: &[Seg]| -> Option<String> {
+            let tree = self.tree?;
+            tree.get_string(&format!("{}.id", key_text(prefix))).ok()
+        };
+        let (pool_id, item_id) = match path {
+            [Seg::Key(_), Seg::Index(_), Seg::Key(_), Seg::Index(_), ..] => {
+                (id_at(&path[..2]), id_at(&path[..4]))
+            }
+            [Seg::Key(_), Seg::Index(_), ..] => (id_at(&path[..2]), None),
+            _ => (None, None),
+        };
+        self.location(&key_text(path), pool_id.as_deref(), item_id.as_deref())
+    }
+
+    /// A deserialization error of the `config` crate, with its key and origin.
+    fn deserialize_error(&self, error: config::ConfigError) -> ConfigError {
+        let (key, message) = match error {
+            config::ConfigError::Type {
+                unexpected,
+                expected,
+                key,
+                ..
+            } => (
+                key,
+                format!("invalid type: {unexpected}, expected {expected}"),
+            ),
+            config::ConfigError::At { error, key, .. } => (key, error.to_string()),
+            config::ConfigError::NotFound(key) => {
+                return ConfigError::MissingKey {
+                    at: self.location_of(&key_path(&key)),
+                };
+            }
+            other => (None, other.to_string()),
+        };
+        let message = redact_secrets(&message);
+        match key {
+            Some(key) => ConfigError::BadValue {
+                at: self.location_of(&key_path(&key)),
+                message,
+            },
+            None => ConfigError::Load { message },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+
+impl RawConfig {
+    /// Checks every rule of the contract and this module's bounds and returns the validated
+    /// configuration; the first problem found is the error. Errors carry key paths and ids
+    /// but no origin (a loaded configuration gets those from [`Config::load`]).
+    pub fn validate(&self) -> Result<Config, ConfigError> {
         self.validate_in(&Ctx::none())
     }
 
-    /// The pool with this id.
-    pub fn pool(&self, id: &str) -> Option<&PoolConfig> {
-        self.pools.iter().find(|pool| pool.id == id)
-    }
-
-    fn validate_in(&self, ctx: &Ctx<'_>) -> Result<(), ConfigError> {
-        self.validate_amqp(ctx)?;
-        self.validate_storage(ctx)?;
-        self.validate_pools(ctx)
-    }
-
-    fn validate_amqp(&self, ctx: &Ctx<'_>) -> Result<(), ConfigError> {
-        let amqp = &self.amqp;
-        let at = |key: &str| ctx.location(key, None, None);
-        if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
-            let got = match amqp.url.find("://") {
-                Some(end) => format!("scheme {:?}", shorten(&amqp.url[..end])),
-                None => "no scheme".to_owned(),
-            };
-            return Err(ConfigError::InvalidValue {
-                at: at("amqp.url"),
-                reason: format!("url must start with amqp:// or amqps:// (got {got})"),
-            });
-        }
-        let queues = [
-            ("amqp.request_queue", &amqp.request_queue),
-            ("amqp.result_queue", &amqp.result_queue),
-            ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
-        ];
-        for (key, name) in queues {
-            if let Some(reason) = amqp_name_problem(name, "queue name") {
-                return Err(ConfigError::InvalidValue {
-                    at: at(key),
-                    reason,
-                });
-            }
-        }
-        for (index, (key, name)) in queues.iter().enumerate() {
-            if let Some((other_key, _)) = queues[..index].iter().find(|(_, other)| other == name) {
-                return Err(ConfigError::InvalidValue {
-                    at: at(key),
-                    reason: format!(
-                        "queue name {:?} is also used by {other_key}; the three queues must differ",
-                        shorten(name)
-                    ),
-                });
-            }
-        }
-        if !amqp.dead_letter_exchange.is_empty() {
-            if let Some(reason) = amqp_name_problem(&amqp.dead_letter_exchange, "exchange name") {
-                return Err(ConfigError::InvalidValue {
-                    at: at("amqp.dead_letter_exchange"),
-                    reason,
-                });
-            }
-        } else if amqp.dead_letter_exchange_name().len() > MAX_AMQP_NAME_BYTES {
-            return Err(ConfigError::InvalidValue {
-                at: at("amqp.dead_letter_exchange"),
-                reason: format!(
-                    "the derived name \"<request_queue>.dlx\" is longer than {MAX_AMQP_NAME_BYTES} bytes; set amqp.dead_letter_exchange"
-                ),
-            });
-        }
-        check_range(
-            ctx,
-            "amqp.prefetch",
-            "prefetch",
-            u64::from(amqp.prefetch),
-            1,
-            u64::from(u16::MAX),
-        )?;
-        check_range(
-            ctx,
-            "amqp.delivery_limit",
-            "delivery_limit",
-            u64::from(amqp.delivery_limit),
-            1,
-            u64::from(u32::MAX),
-        )?;
-        let timeouts = [
-            (
-                "amqp.connect_timeout_ms",
-                "connect_timeout_ms",
-                amqp.connect_timeout_ms,
-                MAX_TIMEOUT_MS,
-            ),
-            (
-                "amqp.operation_timeout_ms",
-                "operation_timeout_ms",
-                amqp.operation_timeout_ms,
-                MAX_TIMEOUT_MS,
-            ),
-            (
-                "amqp.reconnect_backoff_min_ms",
-                "reconnect_backoff_min_ms",
-                amqp.reconnect_backoff_min_ms,
-                MAX_TIMEOUT_MS,
-            ),
-            (
-                "amqp.reconnect_backoff_max_ms",
-                "reconnect_backoff_max_ms",
-                amqp.reconnect_backoff_max_ms,
-                MAX_TIMEOUT_MS,
-            ),
-            (
-                "amqp.shutdown_deadline_ms",
-                "shutdown_deadline_ms",
-                amqp.shutdown_deadline_ms,
-                MAX_SHUTDOWN_DEADLINE_MS,
-            ),
-        ];
-        for (key, what, value, max) in timeouts {
-            check_range(ctx, key, what, value, 1, max)?;
-        }
-        if amqp.reconnect_backoff_min_ms > amqp.reconnect_backoff_max_ms {
-            // Point at the key the operator set, not at a default.
-            let mut location = at("amqp.reconnect_backoff_min_ms");
-            if location.origin == Origin::Default {
-                location = at("amqp.reconnect_backoff_max_ms");
-            }
-            return Err(ConfigError::InvalidValue {
-                at: location,
-                reason: format!(
-                    "reconnect_backoff_min_ms ({}) is greater than reconnect_backoff_max_ms ({})",
-                    amqp.reconnect_backoff_min_ms, amqp.reconnect_backoff_max_ms
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    fn validate_storage(&self, ctx: &Ctx<'_>) -> Result<(), ConfigError> {
-        let storage = &self.storage;
-        if storage.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::InvalidValue {
-                at: ctx.location("storage.data_dir", None, None),
-                reason: "data_dir must not be empty".to_owned(),
-            });
-        }
-        let checks = [
-            (
-                "storage.dedupe_window",
-                "dedupe_window",
-                usize_to_u64(storage.dedupe_window),
-                usize_to_u64(MAX_DEDUPE_WINDOW),
-            ),
-            (
-                "storage.batch_records_max",
-                "batch_records_max",
-                usize_to_u64(storage.batch_records_max),
-                usize_to_u64(MAX_BATCH_RECORDS),
-            ),
-            (
-                "storage.channel_capacity",
-                "channel_capacity",
-                usize_to_u64(storage.channel_capacity),
-                usize_to_u64(MAX_CHANNEL_CAPACITY),
-            ),
-            (
-                "storage.snapshot_every_records",
-                "snapshot_every_records",
-                storage.snapshot_every_records,
-                MAX_SNAPSHOT_EVERY_RECORDS,
-            ),
-            (
-                "storage.segment_bytes_max",
-                "segment_bytes_max",
-                storage.segment_bytes_max,
-                MAX_SEGMENT_BYTES,
-            ),
-            (
-                "storage.id_block_size",
-                "id_block_size",
-                storage.id_block_size,
-                MAX_ID_BLOCK_SIZE,
-            ),
-        ];
-        for (key, what, value, max) in checks {
-            check_range(ctx, key, what, value, 1, max)?;
-        }
-        Ok(())
-    }
-
-    fn validate_pools(&self, ctx: &Ctx<'_>) -> Result<(), ConfigError> {
-        if self.pools.is_empty() {
-            return Err(ConfigError::NoPools {
-                origin: ctx.origin(&KeyRef::Top("pools")),
-            });
-        }
-        if self.pools.len() > MAX_POOLS {
-            return Err(ConfigError::OutOfRange {
-                at: ctx.location("pools", None, None),
-                what: "number of pools",
-                value: self.pools.len().to_string(),
-                min: "1".to_owned(),
-                max: MAX_POOLS.to_string(),
-            });
-        }
-        let mut pool_index_by_id: HashMap<&str, usize> = HashMap::new();
-        for (pool_index, pool) in self.pools.iter().enumerate() {
-            let pool_id = Some(pool.id.as_str());
-            let pool_at =
-                |field: &str| ctx.location(&format!("pools[{pool_index}].{field}"), pool_id, None);
-            if let Some(reason) = id_problem(&pool.id, "pool id") {
-                return Err(ConfigError::InvalidValue {
-                    at: pool_at("id"),
-                    reason,
-                });
-            }
-            if let Some(&first_index) = pool_index_by_id.get(pool.id.as_str()) {
-                return Err(ConfigError::DuplicatePoolId {
-                    at: pool_at("id"),
-                    id: shorten(&pool.id),
-                    first: ctx.location(&format!("pools[{first_index}].id"), pool_id, None),
-                });
-            }
-            pool_index_by_id.insert(&pool.id, pool_index);
-            if pool.items.is_empty() {
-                return Err(ConfigError::EmptyPool {
-                    at: ctx.location(&format!("pools[{pool_index}]"), pool_id, None),
-                });
-            }
-            check_item_count(ctx, pool_index, pool_id, pool.items.len())?;
-            validate_items(ctx, pool_index, pool)?;
-        }
-        Ok(())
-    }
-
-    /// Applies one `REWARDPOOL__POOLS__...` override to the pools already loaded.
-    fn apply_pool_override(&mut self, var: &EnvVar) -> Result<(), ConfigError> {
-        let env_error = |message: String| ConfigError::Env {
-            var: var.name.clone(),
-            message: redact_secrets(&message),
-        };
-        let (pool_index, item_index, field) = match &var.target {
-            EnvTarget::Section => return Ok(()),
-            EnvTarget::Pool { pool, field } => (*pool, None, field.as_str()),
-            EnvTarget::Item { pool, item, field } => (*pool, Some(*item), field.as_str()),
-        };
-        let pool_count = self.pools.len();
-        let Some(pool) = self.pools.get_mut(pool_index) else {
-            return Err(env_error(format!(
-                "there is no pools[{pool_index}] (the configuration has {pool_count} pools, indices 0-based); the environment can change existing pools, not add new ones"
-            )));
-        };
-        let Some(item_index) = item_index else {
-            match field {
-                "id" => pool.id = var.value.clone(),
-                "mode" => {
-                    pool.mode = match var.value.as_str() {
-                        "by_quantity" => Mode::ByQuantity,
-                        "by_weight" => Mode::ByWeight,
-                        other => {
-                            return Err(env_error(format!(
-                                "mode must be \"by_quantity\" or \"by_weight\", got {:?}",
-                                shorten(other)
-                            )));
-                        }
-                    }
-                }
-                _ => return Err(env_error(format!("cannot set pools[{pool_index}].{field}"))),
-            }
-            return Ok(());
-        };
-        let item_count = pool.items.len();
-        let Some(item) = pool.items.get_mut(item_index) else {
-            return Err(env_error(format!(
-                "there is no pools[{pool_index}].items[{item_index}] (that pool has {item_count} items, indices 0-based); the environment can change existing items, not add new ones"
-            )));
-        };
-        let parse_int = |value: &str| {
-            value.parse::<i64>().map_err(|_| {
-                env_error(format!(
-                    "{field} must be an integer, got {:?}",
-                    shorten(value)
-                ))
-            })
-        };
-        match field {
-            "id" => item.id = var.value.clone(),
-            "quantity" => item.quantity = Some(parse_int(&var.value)?),
-            "weight" => item.weight = Some(parse_int(&var.value)?),
-            _ => {
-                return Err(env_error(format!(
-                    "cannot set pools[{pool_index}].items[{item_index}].{field}"
-                )));
-            }
-        }
-        Ok(())
+    fn validate_in(&self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
+        validate_amqp(ctx, &self.amqp)?;
+        validate_storage(ctx, &self.storage)?;
+        validate_edges(ctx, self)?;
+        let pools = validate_pools(ctx, &self.pools)?;
+        Ok(Config {
+            amqp: self.amqp.clone(),
+            storage: self.storage.clone(),
+            admin: self.admin.clone(),
+            metrics: self.metrics.clone(),
+            log: self.log.clone(),
+            pools,
+        })
     }
 }
 
-fn builtin_pools() -> Vec<PoolConfig> {
-    let item = |id: &str, quantity: i64| ItemConfig {
-        id: id.to_owned(),
-        quantity: Some(quantity),
-        weight: None,
-    };
-    vec![PoolConfig {
-        id: "default".to_owned(),
-        mode: Mode::ByQuantity,
-        items: vec![item("gold", 10), item("silver", 100), item("bronze", 1000)],
-    }]
+impl From<&Config> for RawConfig {
+    /// The raw form of a validated configuration (to edit it in code and validate again).
+    fn from(config: &Config) -> RawConfig {
+        let signed = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        RawConfig {
+            amqp: config.amqp.clone(),
+            storage: config.storage.clone(),
+            admin: config.admin.clone(),
+            metrics: config.metrics.clone(),
+            log: config.log.clone(),
+            pools: config
+                .pools
+                .iter()
+                .map(|pool| RawPool {
+                    id: pool.id.clone(),
+                    mode: pool.mode,
+                    items: pool
+                        .items
+                        .iter()
+                        .map(|item| RawItem {
+                            id: item.id.clone(),
+                            quantity: item.stock.quantity().map(signed),
+                            weight: item.weight.map(signed),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
 }
 
-fn usize_to_u64(value: usize) -> u64 {
-    u64::try_from(value).unwrap_or(u64::MAX)
+fn invalid(at: Box<Location>, reason: String) -> ConfigError {
+    ConfigError::InvalidValue { at, reason }
 }
 
 fn check_range(
     ctx: &Ctx<'_>,
     key: &str,
-    what: &'static str,
     value: u64,
     min: u64,
     max: u64,
@@ -924,141 +1088,320 @@ fn check_range(
     }
     Err(ConfigError::OutOfRange {
         at: ctx.location(key, None, None),
-        what,
+        what: key.rsplit('.').next().unwrap_or(key).to_owned(),
         value: value.to_string(),
         min: min.to_string(),
         max: max.to_string(),
     })
 }
 
-fn check_item_count(
-    ctx: &Ctx<'_>,
-    pool_index: usize,
-    pool_id: Option<&str>,
-    item_count: usize,
-) -> Result<(), ConfigError> {
-    if item_count <= MAX_ITEMS_PER_POOL {
-        return Ok(());
-    }
-    Err(ConfigError::OutOfRange {
-        at: ctx.location(&format!("pools[{pool_index}].items"), pool_id, None),
-        what: "number of items",
-        value: item_count.to_string(),
-        min: "1".to_owned(),
-        max: MAX_ITEMS_PER_POOL.to_string(),
-    })
-}
-
-fn validate_items(ctx: &Ctx<'_>, pool_index: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
-    let pool_id = Some(pool.id.as_str());
-    let mut item_index_by_id: HashMap<&str, usize> = HashMap::new();
-    let mut total_quantity: u64 = 0;
-    for (item_index, item) in pool.items.iter().enumerate() {
-        let item_id = Some(item.id.as_str());
-        let at = |field: &str| {
-            ctx.location(
-                &format!("pools[{pool_index}].items[{item_index}].{field}"),
-                pool_id,
-                item_id,
-            )
+fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
+    let at = |key: &str| ctx.location(key, None, None);
+    if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
+        let got = match amqp.url.find("://") {
+            Some(end) => format!("scheme {:?}", shorten(&amqp.url[..end])),
+            None => "no scheme".to_owned(),
         };
-        if let Some(reason) = id_problem(&item.id, "item id") {
-            return Err(ConfigError::InvalidValue {
-                at: at("id"),
-                reason,
-            });
+        return Err(invalid(
+            at("amqp.url"),
+            format!("url must start with amqp:// or amqps:// (got {got})"),
+        ));
+    }
+    let queues = [
+        ("amqp.request_queue", &amqp.request_queue),
+        ("amqp.result_queue", &amqp.result_queue),
+        ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
+        ("amqp.admin_queue", &amqp.admin_queue),
+    ];
+    for (key, name) in queues {
+        if let Some(reason) = amqp_name_problem(name, "queue name") {
+            return Err(invalid(at(key), reason));
         }
-        if let Some(&first_index) = item_index_by_id.get(item.id.as_str()) {
-            return Err(ConfigError::DuplicateItemId {
-                at: at("id"),
-                id: shorten(&item.id),
-                first: ctx.location(
-                    &format!("pools[{pool_index}].items[{first_index}].id"),
-                    pool_id,
-                    item_id,
+    }
+    for (index, (key, name)) in queues.iter().enumerate() {
+        if let Some((other_key, _)) = queues[..index].iter().find(|(_, other)| other == name) {
+            return Err(invalid(
+                at(key),
+                format!(
+                    "queue name {:?} is also used by {other_key}; the queues must differ",
+                    shorten(name)
                 ),
-            });
+            ));
         }
-        item_index_by_id.insert(&item.id, item_index);
-        match item.quantity {
-            Some(quantity) if quantity < 0 => {
-                return Err(ConfigError::NegativeQuantity {
-                    at: at("quantity"),
-                    value: quantity,
-                });
-            }
-            Some(quantity) => {
-                let quantity = u64::try_from(quantity).unwrap_or(u64::MAX);
-                if quantity > MAX_QUANTITY {
-                    return Err(ConfigError::OutOfRange {
-                        at: at("quantity"),
-                        what: "quantity",
-                        value: quantity.to_string(),
-                        min: "0".to_owned(),
-                        max: format!("{MAX_QUANTITY} (2^40)"),
-                    });
-                }
-                total_quantity = total_quantity.checked_add(quantity).ok_or_else(|| {
-                    ConfigError::InvalidValue {
-                        at: ctx.location(&format!("pools[{pool_index}].items"), pool_id, None),
-                        reason: "the sum of the quantities does not fit in 64 bits".to_owned(),
-                    }
-                })?;
-            }
-            None if matches!(pool.mode, Mode::ByQuantity) => {
-                return Err(ConfigError::UnlimitedItem { at: at("quantity") });
-            }
-            None => {}
+    }
+    if !amqp.dead_letter_exchange.is_empty() {
+        if let Some(reason) = amqp_name_problem(&amqp.dead_letter_exchange, "exchange name") {
+            return Err(invalid(at("amqp.dead_letter_exchange"), reason));
         }
-        match (pool.mode, item.weight) {
-            (Mode::ByQuantity, Some(_)) => {
-                return Err(ConfigError::UnexpectedWeight { at: at("weight") });
-            }
-            (Mode::ByWeight, None) => {
-                return Err(ConfigError::MissingWeight { at: at("weight") });
-            }
-            (Mode::ByWeight, Some(weight)) if weight <= 0 => {
-                return Err(ConfigError::NonPositiveWeight {
-                    at: at("weight"),
-                    value: weight,
-                });
-            }
-            (Mode::ByWeight, Some(weight)) if weight.unsigned_abs() > MAX_WEIGHT => {
-                return Err(ConfigError::OutOfRange {
-                    at: at("weight"),
-                    what: "weight",
-                    value: weight.to_string(),
-                    min: "1".to_owned(),
-                    max: format!("{MAX_WEIGHT} (2^32)"),
-                });
-            }
-            (Mode::ByWeight, Some(_)) | (Mode::ByQuantity, None) => {}
+    } else if amqp.dead_letter_exchange_name().len() > AMQP_NAME_BYTES_MAX {
+        return Err(invalid(
+            at("amqp.dead_letter_exchange"),
+            format!(
+                "the derived name \"<request_queue>.dlx\" is longer than {AMQP_NAME_BYTES_MAX} bytes; set amqp.dead_letter_exchange"
+            ),
+        ));
+    }
+    if !amqp.exchange.is_empty() {
+        if let Some(reason) = amqp_name_problem(&amqp.exchange, "exchange name") {
+            return Err(invalid(at("amqp.exchange"), reason));
         }
+        // The worker also declares `<exchange>.unrouted`.
+        if amqp.exchange.len() + ".unrouted".len() > AMQP_NAME_BYTES_MAX {
+            return Err(invalid(
+                at("amqp.exchange"),
+                format!(
+                    "exchange name is too long for \"<exchange>.unrouted\" (at most {AMQP_NAME_BYTES_MAX} bytes)"
+                ),
+            ));
+        }
+    }
+    if amqp.tls_cert_file.is_empty() != amqp.tls_key_file.is_empty() {
+        let key = if amqp.tls_cert_file.is_empty() {
+            "amqp.tls_key_file"
+        } else {
+            "amqp.tls_cert_file"
+        };
+        return Err(invalid(
+            at(key),
+            "tls_cert_file and tls_key_file go together: set both or neither".to_owned(),
+        ));
+    }
+    check_range(
+        ctx,
+        "amqp.prefetch",
+        u64::from(amqp.prefetch),
+        u64::from(PREFETCH_MIN),
+        u64::from(PREFETCH_MAX),
+    )?;
+    check_range(
+        ctx,
+        "amqp.delivery_limit",
+        u64::from(amqp.delivery_limit),
+        1,
+        u64::from(u32::MAX),
+    )?;
+    let timeouts = [
+        (
+            "amqp.connect_timeout_ms",
+            amqp.connect_timeout_ms,
+            TIMEOUT_MS_MAX,
+        ),
+        (
+            "amqp.operation_timeout_ms",
+            amqp.operation_timeout_ms,
+            TIMEOUT_MS_MAX,
+        ),
+        (
+            "amqp.reconnect_backoff_min_ms",
+            amqp.reconnect_backoff_min_ms,
+            TIMEOUT_MS_MAX,
+        ),
+        (
+            "amqp.reconnect_backoff_max_ms",
+            amqp.reconnect_backoff_max_ms,
+            TIMEOUT_MS_MAX,
+        ),
+        (
+            "amqp.shutdown_deadline_ms",
+            amqp.shutdown_deadline_ms,
+            SHUTDOWN_DEADLINE_MS_MAX,
+        ),
+    ];
+    for (key, value, max) in timeouts {
+        check_range(ctx, key, value, 1, max)?;
+    }
+    if amqp.reconnect_backoff_min_ms > amqp.reconnect_backoff_max_ms {
+        // Point at the key the operator set, not at a default.
+        let mut location = at("amqp.reconnect_backoff_min_ms");
+        if location.origin == Origin::Default {
+            location = at("amqp.reconnect_backoff_max_ms");
+        }
+        return Err(invalid(
+            location,
+            format!(
+                "reconnect_backoff_min_ms ({}) is greater than reconnect_backoff_max_ms ({})",
+                amqp.reconnect_backoff_min_ms, amqp.reconnect_backoff_max_ms
+            ),
+        ));
     }
     Ok(())
 }
 
-/// Why `id` is not a valid pool/item id, if it is not.
-fn id_problem(id: &str, what: &str) -> Option<String> {
-    if id.is_empty() {
-        Some(format!("{what} must not be empty"))
-    } else if id.len() > MAX_ID_BYTES {
-        Some(format!(
-            "{what} is {} bytes long, at most {MAX_ID_BYTES} allowed",
-            id.len()
-        ))
-    } else {
-        None
+fn validate_storage(ctx: &Ctx<'_>, storage: &StorageConfig) -> Result<(), ConfigError> {
+    if storage.data_dir.as_os_str().is_empty() {
+        return Err(invalid(
+            ctx.location("storage.data_dir", None, None),
+            "data_dir must not be empty".to_owned(),
+        ));
     }
+    let wide = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+    let checks = [
+        (
+            "storage.dedupe_window",
+            wide(storage.dedupe_window),
+            wide(DEDUPE_WINDOW_MAX),
+        ),
+        (
+            "storage.batch_records_max",
+            wide(storage.batch_records_max),
+            wide(BATCH_RECORDS_MAX),
+        ),
+        (
+            "storage.channel_capacity",
+            wide(storage.channel_capacity),
+            wide(CHANNEL_CAPACITY_MAX),
+        ),
+        (
+            "storage.snapshot_every_records",
+            storage.snapshot_every_records,
+            SNAPSHOT_EVERY_RECORDS_MAX,
+        ),
+        (
+            "storage.segment_bytes_max",
+            storage.segment_bytes_max,
+            SEGMENT_BYTES_MAX,
+        ),
+        (
+            "storage.id_block_size",
+            storage.id_block_size,
+            ID_BLOCK_SIZE_MAX,
+        ),
+    ];
+    for (key, value, max) in checks {
+        check_range(ctx, key, value, 1, max)?;
+    }
+    Ok(())
+}
+
+/// `[admin]`, `[metrics]`, `[log]`.
+fn validate_edges(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> {
+    for (index, user) in raw.admin.allowed_users.iter().enumerate() {
+        let key = format!("admin.allowed_users[{index}]");
+        if user.is_empty() {
+            return Err(invalid(
+                ctx.location(&key, None, None),
+                "a user name must not be empty".to_owned(),
+            ));
+        }
+        if user.len() > AMQP_NAME_BYTES_MAX {
+            return Err(invalid(
+                ctx.location(&key, None, None),
+                format!(
+                    "user name is {} bytes long, at most {AMQP_NAME_BYTES_MAX} allowed",
+                    user.len()
+                ),
+            ));
+        }
+    }
+    let listen = &raw.metrics.listen;
+    if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid(
+            ctx.location("metrics.listen", None, None),
+            format!(
+                "listen must be a socket address such as \"127.0.0.1:9464\" (or \"\" for off), got {:?}",
+                shorten(listen)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, ConfigError> {
+    if pools.is_empty() {
+        return Err(ConfigError::NoPools {
+            origin: ctx.origin(&[Seg::Key("pools".to_owned())]),
+        });
+    }
+    if pools.len() > CONFIG_POOLS_MAX {
+        return Err(ConfigError::OutOfRange {
+            at: ctx.location("pools", None, None),
+            what: "number of pools".to_owned(),
+            value: pools.len().to_string(),
+            min: "1".to_owned(),
+            max: CONFIG_POOLS_MAX.to_string(),
+        });
+    }
+    let mut seeds = Vec::with_capacity(pools.len());
+    for (pool_index, pool) in pools.iter().enumerate() {
+        let pool_id = Some(pool.id.as_str());
+        let rule = |key: String, item_id: Option<&str>, rule: RuleError| ConfigError::Rule {
+            at: ctx.location(&key, pool_id, item_id),
+            rule,
+            first: None,
+        };
+        crate::seed::check_id(crate::seed::IdKind::Pool, &pool.id)
+            .map_err(|e| rule(format!("pools[{pool_index}].id"), None, e))?;
+        if let Err((index, first, error)) =
+            crate::seed::check_unique_pool_ids(pools[..=pool_index].iter().map(|p| p.id.as_str()))
+        {
+            return Err(ConfigError::Rule {
+                at: ctx.location(&format!("pools[{index}].id"), pool_id, None),
+                rule: error,
+                first: Some(ctx.location(&format!("pools[{first}].id"), pool_id, None)),
+            });
+        }
+        if pool.items.len() > POOL_ITEMS_MAX {
+            let count = pool.items.len();
+            let key = format!("pools[{pool_index}].items");
+            return Err(rule(key, None, RuleError::TooManyItems { count }));
+        }
+        let mut items = Vec::with_capacity(pool.items.len());
+        for (item_index, item) in pool.items.iter().enumerate() {
+            let seed = crate::seed::item_seed(pool.mode, &item.id, item.quantity, item.weight)
+                .map_err(|(field, e)| {
+                    rule(
+                        format!("pools[{pool_index}].items[{item_index}].{}", field.key()),
+                        Some(&item.id),
+                        e,
+                    )
+                })?;
+            if let Some(first) = pool.items[..item_index]
+                .iter()
+                .position(|i| i.id == item.id)
+            {
+                return Err(ConfigError::Rule {
+                    at: ctx.location(
+                        &format!("pools[{pool_index}].items[{item_index}].id"),
+                        pool_id,
+                        Some(&item.id),
+                    ),
+                    rule: RuleError::DuplicateItemId {
+                        id: shorten(&item.id),
+                    },
+                    first: Some(ctx.location(
+                        &format!("pools[{pool_index}].items[{first}].id"),
+                        pool_id,
+                        Some(&item.id),
+                    )),
+                });
+            }
+            items.push(seed);
+        }
+        let seed = PoolSeed {
+            id: pool.id.clone(),
+            mode: pool.mode,
+            items,
+        };
+        if let Err((item_index, error)) = crate::seed::check_pool(&seed) {
+            let key = match (&error, item_index) {
+                (RuleError::TooManyItems { .. }, _) => format!("pools[{pool_index}].items"),
+                (_, Some(item)) => format!("pools[{pool_index}].items[{item}]"),
+                (_, None) => format!("pools[{pool_index}]"),
+            };
+            return Err(rule(key, None, error));
+        }
+        seeds.push(seed);
+    }
+    Ok(seeds)
 }
 
 /// Why `name` is not a valid queue/exchange name, if it is not.
 fn amqp_name_problem(name: &str, what: &str) -> Option<String> {
     if name.is_empty() {
         Some(format!("{what} must not be empty"))
-    } else if name.len() > MAX_AMQP_NAME_BYTES {
+    } else if name.len() > AMQP_NAME_BYTES_MAX {
         Some(format!(
-            "{what} is {} bytes long, at most {MAX_AMQP_NAME_BYTES} allowed",
+            "{what} is {} bytes long, at most {AMQP_NAME_BYTES_MAX} allowed",
             name.len()
         ))
     } else if name.starts_with("amq.") {
@@ -1071,16 +1414,9 @@ fn amqp_name_problem(name: &str, what: &str) -> Option<String> {
     }
 }
 
-/// A copy of `text` short enough for a message (user ids can be long).
+/// A copy of `text` for a message: no password, not too long.
 fn shorten(text: &str) -> String {
-    const MAX_CHARS: usize = 48;
-    let redacted = redact_secrets(text);
-    if redacted.chars().count() <= MAX_CHARS {
-        return redacted;
-    }
-    let mut short: String = redacted.chars().take(MAX_CHARS).collect();
-    short.push('…');
-    short
+    shorten_plain(&redact_secrets(text))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1127,892 +1463,6 @@ fn redact_secrets(text: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Environment
-
-/// What an environment override sets.
-#[derive(Debug)]
-enum EnvTarget {
-    /// `amqp.*` or `storage.*`: handed to the `config` crate.
-    Section,
-    Pool {
-        pool: usize,
-        field: String,
-    },
-    Item {
-        pool: usize,
-        item: usize,
-        field: String,
-    },
-}
-
-#[derive(Debug)]
-struct EnvVar {
-    name: String,
-    value: String,
-    /// Canonical key path, e.g. `amqp.url` or `pools[1].items[0].quantity`.
-    key: String,
-    target: EnvTarget,
-}
-
-fn env_prefix_lowercase() -> String {
-    format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase()
-}
-
-/// Whether an environment variable is one of ours (the `config` crate compares lowercased).
-fn is_ours(name: &str) -> bool {
-    name.to_lowercase().starts_with(&env_prefix_lowercase())
-}
-
-/// Picks our variables out of `env` and checks that each names a known key.
-fn classify_env(env: &[(String, String)]) -> Result<Vec<EnvVar>, ConfigError> {
-    let prefix = env_prefix_lowercase();
-    let mut vars: Vec<EnvVar> = Vec::new();
-    let mut sorted: Vec<&(String, String)> = env.iter().collect();
-    sorted.sort();
-    for (name, value) in sorted {
-        let lowercase = name.to_lowercase();
-        let Some(rest) = lowercase.strip_prefix(&prefix) else {
-            continue;
-        };
-        let segments: Vec<&str> = rest.split(ENV_SEPARATOR).collect();
-        let unknown = |key: String, known: &[&str]| ConfigError::UnknownKey {
-            at: Box::new(Location {
-                key,
-                pool_id: None,
-                item_id: None,
-                origin: Origin::Env { var: name.clone() },
-            }),
-            known: known.join(", "),
-        };
-        let index = |segment: &str| -> Option<usize> {
-            if segment.bytes().all(|byte| byte.is_ascii_digit()) {
-                segment.parse().ok()
-            } else {
-                None
-            }
-        };
-        let (key, target) = match segments.as_slice() {
-            ["amqp", field] if AMQP_KEYS.contains(field) => {
-                (format!("amqp.{field}"), EnvTarget::Section)
-            }
-            ["amqp", field] => return Err(unknown(format!("amqp.{field}"), AMQP_KEYS)),
-            ["storage", field] if STORAGE_KEYS.contains(field) => {
-                (format!("storage.{field}"), EnvTarget::Section)
-            }
-            ["storage", field] => return Err(unknown(format!("storage.{field}"), STORAGE_KEYS)),
-            ["metrics", field] if METRICS_KEYS.contains(field) => {
-                (format!("metrics.{field}"), EnvTarget::Section)
-            }
-            ["metrics", field] => return Err(unknown(format!("metrics.{field}"), METRICS_KEYS)),
-            ["log", field] if LOG_KEYS.contains(field) => {
-                (format!("log.{field}"), EnvTarget::Section)
-            }
-            ["log", field] => return Err(unknown(format!("log.{field}"), LOG_KEYS)),
-            ["pools", pool, field] if index(pool).is_some() && ["id", "mode"].contains(field) => {
-                let pool = index(pool).unwrap_or_default();
-                (
-                    format!("pools[{pool}].{field}"),
-                    EnvTarget::Pool {
-                        pool,
-                        field: (*field).to_owned(),
-                    },
-                )
-            }
-            ["pools", pool, "items", item, field]
-                if index(pool).is_some() && index(item).is_some() && ITEM_KEYS.contains(field) =>
-            {
-                let pool = index(pool).unwrap_or_default();
-                let item = index(item).unwrap_or_default();
-                (
-                    format!("pools[{pool}].items[{item}].{field}"),
-                    EnvTarget::Item {
-                        pool,
-                        item,
-                        field: (*field).to_owned(),
-                    },
-                )
-            }
-            ["pools", ..] => {
-                return Err(ConfigError::Env {
-                    var: name.clone(),
-                    message: "pools can be overridden only key by key, as REWARDPOOL__POOLS__<i>__ID, \
-                              REWARDPOOL__POOLS__<i>__MODE or REWARDPOOL__POOLS__<i>__ITEMS__<j>__{ID,QUANTITY,WEIGHT} \
-                              (indices 0-based, existing entries only)"
-                        .to_owned(),
-                });
-            }
-            [top, ..] if !TOP_KEYS.contains(top) => {
-                return Err(unknown(segments.join("."), TOP_KEYS));
-            }
-            _ => {
-                return Err(ConfigError::Env {
-                    var: name.clone(),
-                    message: format!(
-                        "names no single key; use one variable per key, e.g. {ENV_PREFIX}{ENV_SEPARATOR}AMQP{ENV_SEPARATOR}URL"
-                    ),
-                });
-            }
-        };
-        if let Some(previous) = vars.iter().find(|var| var.key == key) {
-            return Err(ConfigError::Env {
-                var: name.clone(),
-                message: format!("sets key `{key}`, which {} already sets", previous.name),
-            });
-        }
-        vars.push(EnvVar {
-            name: name.clone(),
-            value: value.clone(),
-            key,
-            target,
-        });
-    }
-    Ok(vars)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Error context: where values came from
-
-/// The file as read, for origins and line numbers.
-struct FileCtx {
-    path: PathBuf,
-    locator: Locator,
-    /// The file alone, parsed by the `config` crate.
-    tree: config::Config,
-    /// Pool and item ids as written in the file (to check the line scanner's findings).
-    skeleton: Vec<PoolSkeleton>,
-}
-
-struct PoolSkeleton {
-    id: Option<String>,
-    items: Vec<Option<String>>,
-}
-
-impl FileCtx {
-    fn read(path: &Path) -> Result<FileCtx, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                ConfigError::FileNotFound {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                ConfigError::FileRead {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
-        })?;
-        let tree = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-            .build()
-            .map_err(|error| {
-                let message = redact_secrets(&error.to_string());
-                ConfigError::Syntax {
-                    path: path.to_path_buf(),
-                    line: parse_error_line(&message),
-                    message,
-                }
-            })?;
-        let skeleton = pool_skeleton(&tree);
-        Ok(FileCtx {
-            path: path.to_path_buf(),
-            locator: Locator::new(&text),
-            tree,
-            skeleton,
-        })
-    }
-
-    fn has_key(&self, key: &str) -> bool {
-        self.tree.get::<config::Value>(key).is_ok()
-    }
-}
-
-/// The line of a TOML parse error ("... at line 3, column 5 ...").
-fn parse_error_line(message: &str) -> Option<usize> {
-    let start = message.find("line ")? + "line ".len();
-    let digits: String = message[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().ok()
-}
-
-fn pool_skeleton(tree: &config::Config) -> Vec<PoolSkeleton> {
-    let id_of = |value: &config::Value| -> Option<String> {
-        value
-            .clone()
-            .into_table()
-            .ok()?
-            .get("id")
-            .and_then(|id| id.clone().into_string().ok())
-    };
-    let Ok(pools) = tree.get_array("pools") else {
-        return Vec::new();
-    };
-    pools
-        .iter()
-        .map(|pool| {
-            let items = pool
-                .clone()
-                .into_table()
-                .ok()
-                .and_then(|table| table.get("items").cloned())
-                .and_then(|items| items.into_array().ok())
-                .unwrap_or_default();
-            PoolSkeleton {
-                id: id_of(pool),
-                items: items.iter().map(id_of).collect(),
-            }
-        })
-        .collect()
-}
-
-/// A parsed key path.
-#[derive(Debug, PartialEq, Eq)]
-enum KeyRef<'a> {
-    /// A top-level key (`pools`, or an unknown one).
-    Top(&'a str),
-    /// `amqp.x` / `storage.x`.
-    Section {
-        table: &'a str,
-        field: &'a str,
-    },
-    Pool {
-        pool: usize,
-        field: Option<&'a str>,
-    },
-    Item {
-        pool: usize,
-        item: usize,
-        field: Option<&'a str>,
-    },
-}
-
-impl<'a> KeyRef<'a> {
-    fn parse(key: &'a str) -> KeyRef<'a> {
-        fn index(text: &str) -> Option<(usize, &str)> {
-            let text = text.strip_prefix('[')?;
-            let end = text.find(']')?;
-            Some((text[..end].parse().ok()?, &text[end + 1..]))
-        }
-        fn field(text: &str) -> Option<Option<&str>> {
-            if text.is_empty() {
-                Some(None)
-            } else {
-                text.strip_prefix('.').map(Some)
-            }
-        }
-        if let Some((pool, rest)) = key.strip_prefix("pools").and_then(index) {
-            if let Some((item, rest)) = rest.strip_prefix(".items").and_then(index) {
-                if let Some(field) = field(rest) {
-                    return KeyRef::Item { pool, item, field };
-                }
-            } else if let Some(field) = field(rest) {
-                return KeyRef::Pool { pool, field };
-            }
-        }
-        match key.split_once('.') {
-            Some((table, field)) if ["amqp", "storage", "metrics", "log"].contains(&table) => {
-                KeyRef::Section { table, field }
-            }
-            _ => KeyRef::Top(key.split(['.', '[']).next().unwrap_or(key)),
-        }
-    }
-}
-
-/// Where the values of a load came from.
-struct Ctx<'a> {
-    file: Option<&'a FileCtx>,
-    /// Canonical key → environment variable that set it.
-    env: BTreeMap<String, String>,
-    /// False for [`Ctx::none`]: origins are unknown.
-    loaded: bool,
-}
-
-impl Ctx<'_> {
-    /// No knowledge of origins: [`Config::validate`] on a value built in code.
-    fn none() -> Ctx<'static> {
-        Ctx {
-            file: None,
-            env: BTreeMap::new(),
-            loaded: false,
-        }
-    }
-
-    fn location(&self, key: &str, pool_id: Option<&str>, item_id: Option<&str>) -> Box<Location> {
-        Box::new(Location {
-            key: key.to_owned(),
-            pool_id: pool_id.map(shorten),
-            item_id: item_id.map(shorten),
-            origin: self.origin(&KeyRef::parse(key)),
-        })
-    }
-
-    fn origin(&self, key: &KeyRef<'_>) -> Origin {
-        if let Some(var) = self.env.get(&canonical(key)) {
-            return Origin::Env { var: var.clone() };
-        }
-        let Some(file) = self.file else {
-            return if self.loaded {
-                Origin::Default
-            } else {
-                Origin::Unknown
-            };
-        };
-        let pools = &file.skeleton;
-        let line = match *key {
-            KeyRef::Section { table, field } => {
-                if !file.has_key(&format!("{table}.{field}")) {
-                    return Origin::Default;
-                }
-                file.locator.section_key_line(table, field)
-            }
-            KeyRef::Top(name) => file.locator.top_key_line(name),
-            KeyRef::Pool { pool, field } => {
-                let expected = pools.get(pool).and_then(|pool| pool.id.as_deref());
-                file.locator.pool_line(pool, pools.len(), expected, field)
-            }
-            KeyRef::Item { pool, item, field } => {
-                let skeleton = pools.get(pool);
-                let item_count = skeleton.map_or(0, |pool| pool.items.len());
-                let expected = skeleton
-                    .and_then(|pool| pool.items.get(item))
-                    .and_then(|id| id.as_deref());
-                file.locator
-                    .item_line(pool, pools.len(), item, item_count, expected, field)
-            }
-        };
-        Origin::File {
-            path: file.path.clone(),
-            line,
-        }
-    }
-
-    /// Ids of the pool/item a key belongs to, as written in the file.
-    fn file_ids(&self, key: &KeyRef<'_>) -> (Option<String>, Option<String>) {
-        let Some(file) = self.file else {
-            return (None, None);
-        };
-        let (pool, item) = match *key {
-            KeyRef::Pool { pool, .. } => (pool, None),
-            KeyRef::Item { pool, item, .. } => (pool, Some(item)),
-            _ => return (None, None),
-        };
-        let Some(skeleton) = file.skeleton.get(pool) else {
-            return (None, None);
-        };
-        let item_id = item
-            .and_then(|item| skeleton.items.get(item))
-            .and_then(|id| id.as_deref())
-            .map(shorten);
-        (skeleton.id.as_deref().map(shorten), item_id)
-    }
-
-    fn location_from_file_ids(&self, key: &str) -> Box<Location> {
-        let key_ref = KeyRef::parse(key);
-        let (pool_id, item_id) = self.file_ids(&key_ref);
-        Box::new(Location {
-            key: key.to_owned(),
-            pool_id,
-            item_id,
-            origin: self.origin(&key_ref),
-        })
-    }
-
-    fn load_error(&self, error: config::ConfigError) -> ConfigError {
-        let message = redact_secrets(&error.to_string());
-        match (error, self.file) {
-            (config::ConfigError::FileParse { .. }, Some(file)) => ConfigError::Syntax {
-                path: file.path.clone(),
-                line: parse_error_line(&message),
-                message,
-            },
-            _ => ConfigError::Load { message },
-        }
-    }
-
-    /// Turns a deserialization error of the `config` crate into ours, with key and origin.
-    fn deserialize_error(&self, error: config::ConfigError) -> ConfigError {
-        let (key, message) = match error {
-            config::ConfigError::Type {
-                unexpected,
-                expected,
-                key,
-                ..
-            } => (
-                key,
-                format!("invalid type: {unexpected}, expected {expected}"),
-            ),
-            config::ConfigError::At { error, key, .. } => (key, error.to_string()),
-            config::ConfigError::NotFound(key) => {
-                let key = normalize_key(&key);
-                return ConfigError::MissingKey {
-                    at: self.location_from_file_ids(&key),
-                };
-            }
-            config::ConfigError::Message(message) => (None, message),
-            other => (None, other.to_string()),
-        };
-        let key = key.map(|key| normalize_key(&key));
-        let message = redact_secrets(&friendlier_enum_message(&message));
-        if let Some(field) = unknown_field(&message) {
-            let full_key = match &key {
-                Some(parent) => format!("{parent}.{field}"),
-                None => field.to_owned(),
-            };
-            let known = match key.as_deref().map(KeyRef::parse) {
-                None => TOP_KEYS,
-                Some(KeyRef::Top("amqp")) => AMQP_KEYS,
-                Some(KeyRef::Top("storage")) => STORAGE_KEYS,
-                Some(KeyRef::Top("metrics")) => METRICS_KEYS,
-                Some(KeyRef::Top("log")) => LOG_KEYS,
-                Some(KeyRef::Pool { field: None, .. }) => POOL_KEYS,
-                Some(KeyRef::Item { field: None, .. }) => ITEM_KEYS,
-                Some(_) => &[],
-            };
-            return ConfigError::UnknownKey {
-                at: self.location_from_file_ids(&full_key),
-                known: known.join(", "),
-            };
-        }
-        match key {
-            Some(key) => ConfigError::BadValue {
-                at: self.location_from_file_ids(&key),
-                message,
-            },
-            None => ConfigError::Load { message },
-        }
-    }
-}
-
-/// The canonical text of a key path (the form used in messages and in [`Ctx::env`]).
-fn canonical(key: &KeyRef<'_>) -> String {
-    match *key {
-        KeyRef::Top(name) => name.to_owned(),
-        KeyRef::Section { table, field } => format!("{table}.{field}"),
-        KeyRef::Pool { pool, field: None } => format!("pools[{pool}]"),
-        KeyRef::Pool {
-            pool,
-            field: Some(field),
-        } => format!("pools[{pool}].{field}"),
-        KeyRef::Item {
-            pool,
-            item,
-            field: None,
-        } => format!("pools[{pool}].items[{item}]"),
-        KeyRef::Item {
-            pool,
-            item,
-            field: Some(field),
-        } => format!("pools[{pool}].items[{item}].{field}"),
-    }
-}
-
-/// The `config` crate joins `[1]` and a following field without a dot (`pools[1]id`).
-fn normalize_key(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len() + 4);
-    let mut previous = None;
-    for character in raw.chars() {
-        if previous == Some(']') && character != '.' && character != '[' {
-            out.push('.');
-        }
-        out.push(character);
-        previous = Some(character);
-    }
-    out
-}
-
-/// Rewrites the `config` crate's "enum Mode does not have variant constructor x" to list the
-/// accepted values.
-fn friendlier_enum_message(message: &str) -> String {
-    let Some((enum_name, value)) = message
-        .strip_prefix("enum ")
-        .and_then(|rest| rest.split_once(" does not have variant constructor "))
-    else {
-        return message.to_owned();
-    };
-    let accepted = match enum_name {
-        "QueueType" => "\"quorum\" or \"classic\"",
-        "Mode" => "\"by_quantity\" or \"by_weight\"",
-        _ => return message.to_owned(),
-    };
-    format!("must be {accepted}, got {:?}", shorten(value))
-}
-
-/// The field name of serde's "unknown field `x`, expected ..." message.
-fn unknown_field(message: &str) -> Option<&str> {
-    let rest = message.strip_prefix("unknown field `")?;
-    rest.find('`').map(|end| &rest[..end])
-}
-
-// ---------------------------------------------------------------------------------------------
-// Line numbers: a conservative scan of the TOML text
-
-/// One `key = value` found in a line.
-#[derive(Debug)]
-struct Assign {
-    key: String,
-    /// Nesting depth (`[`/`{`) at the `=`.
-    depth: u32,
-    /// The value when it is a one-line string.
-    value: Option<String>,
-}
-
-#[derive(Debug, Default)]
-struct LineInfo {
-    /// `(name, is_array)` for `[name]` / `[[name]]` header lines.
-    header: Option<(String, bool)>,
-    assigns: Vec<Assign>,
-    /// Depths reached by each inline table `{` opened on the line.
-    table_opens: Vec<u32>,
-}
-
-/// Finds lines of keys in the file text. Understands `[table]`, `[[pools]]`,
-/// `[[pools.items]]`, dotted keys and inline tables/arrays; returns `None` when unsure.
-struct Locator {
-    lines: Vec<LineInfo>,
-}
-
-impl Locator {
-    fn new(text: &str) -> Locator {
-        let mut depth = 0u32;
-        let lines = text
-            .lines()
-            .map(|line| scan_line(line, &mut depth))
-            .collect();
-        Locator { lines }
-    }
-
-    fn headers(&self) -> impl Iterator<Item = (usize, &str, bool)> {
-        self.lines.iter().enumerate().filter_map(|(index, line)| {
-            line.header
-                .as_ref()
-                .map(|(name, array)| (index, name.as_str(), *array))
-        })
-    }
-
-    /// The line of `table.field`.
-    fn section_key_line(&self, table: &str, field: &str) -> Option<usize> {
-        let dotted = format!("{table}.{field}");
-        let mut current: Option<&str> = None;
-        let mut in_inline_table = false;
-        for (index, line) in self.lines.iter().enumerate() {
-            if let Some((name, _)) = &line.header {
-                current = Some(name);
-                continue;
-            }
-            for assign in &line.assigns {
-                match current {
-                    Some(name) if name == table && assign.depth == 0 && assign.key == field => {
-                        return Some(index + 1);
-                    }
-                    None if assign.depth == 0 => {
-                        if assign.key == dotted {
-                            return Some(index + 1);
-                        }
-                        in_inline_table = assign.key == table;
-                    }
-                    None if in_inline_table && assign.depth == 1 && assign.key == field => {
-                        return Some(index + 1);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        None
-    }
-
-    /// The line of a top-level key or table.
-    fn top_key_line(&self, name: &str) -> Option<usize> {
-        let dotted = format!("{name}.");
-        let mut at_top = true;
-        for (index, line) in self.lines.iter().enumerate() {
-            if let Some((header, _)) = &line.header {
-                if header == name || header.starts_with(&dotted) {
-                    return Some(index + 1);
-                }
-                at_top = false;
-                continue;
-            }
-            if at_top
-                && line.assigns.iter().any(|assign| {
-                    assign.depth == 0 && (assign.key == name || assign.key.starts_with(&dotted))
-                })
-            {
-                return Some(index + 1);
-            }
-        }
-        None
-    }
-
-    /// `(header line, end)` of each `[[pools]]` entry, sub-tables included.
-    fn pool_sections(&self) -> Vec<(usize, usize)> {
-        let mut sections: Vec<(usize, usize)> = Vec::new();
-        let mut open: Option<usize> = None;
-        for (index, name, array) in self.headers() {
-            let is_pool = name == "pools" && array;
-            let is_pool_child = name.starts_with("pools.");
-            if let Some(start) = open
-                && (is_pool || !is_pool_child)
-            {
-                sections.push((start, index));
-                open = None;
-            }
-            if is_pool {
-                open = Some(index);
-            }
-        }
-        if let Some(start) = open {
-            sections.push((start, self.lines.len()));
-        }
-        sections
-    }
-
-    /// End of the table that starts after header line `start` (the next header, or `end`).
-    fn table_end(&self, start: usize, end: usize) -> usize {
-        (start + 1..end)
-            .find(|&index| self.lines[index].header.is_some())
-            .unwrap_or(end)
-    }
-
-    /// The first line in `range` that assigns `key` at depth 0.
-    fn key_line_in(&self, range: std::ops::Range<usize>, key: &str) -> Option<usize> {
-        range.into_iter().find(|&index| {
-            self.lines[index]
-                .assigns
-                .iter()
-                .any(|assign| assign.depth == 0 && assign.key == key)
-        })
-    }
-
-    /// The line of `pools[pool]` (or of its `field`), for `[[pools]]` files only.
-    fn pool_line(
-        &self,
-        pool: usize,
-        pool_count: usize,
-        expected_id: Option<&str>,
-        field: Option<&str>,
-    ) -> Option<usize> {
-        let sections = self.pool_sections();
-        if sections.len() != pool_count {
-            return None;
-        }
-        let (start, end) = *sections.get(pool)?;
-        let own_end = self.table_end(start, end);
-        if let Some(field) = field.filter(|&field| field != "id")
-            && let Some(index) = self.key_line_in(start + 1..own_end, field)
-        {
-            return Some(index + 1);
-        }
-        match self.key_line_in(start + 1..own_end, "id") {
-            Some(index) if self.id_matches(index, 0, expected_id) => Some(index + 1),
-            _ => Some(start + 1),
-        }
-    }
-
-    /// The line of `pools[pool].items[item]` (or of its `field`).
-    fn item_line(
-        &self,
-        pool: usize,
-        pool_count: usize,
-        item: usize,
-        item_count: usize,
-        expected_id: Option<&str>,
-        field: Option<&str>,
-    ) -> Option<usize> {
-        let sections = self.pool_sections();
-        if sections.len() != pool_count {
-            return None;
-        }
-        let (start, end) = *sections.get(pool)?;
-        let item_headers: Vec<usize> = self
-            .headers()
-            .filter(|&(index, name, array)| {
-                index > start && index < end && name == "pools.items" && array
-            })
-            .map(|(index, _, _)| index)
-            .collect();
-        if !item_headers.is_empty() {
-            // `[[pools.items]]` tables.
-            if item_headers.len() != item_count {
-                return None;
-            }
-            let header = *item_headers.get(item)?;
-            let own_end = self.table_end(header, end);
-            if let Some(field) = field.filter(|&field| field != "id")
-                && let Some(index) = self.key_line_in(header + 1..own_end, field)
-            {
-                return Some(index + 1);
-            }
-            return match self.key_line_in(header + 1..own_end, "id") {
-                Some(index) if self.id_matches(index, 0, expected_id) => Some(index + 1),
-                Some(_) => None,
-                None => Some(header + 1),
-            };
-        }
-        // `items = [ { id = ... }, ... ]`: the inline tables at depth 2 of the pool's table.
-        let own_end = self.table_end(start, end);
-        let opens: Vec<usize> = (start + 1..own_end)
-            .flat_map(|index| {
-                self.lines[index]
-                    .table_opens
-                    .iter()
-                    .filter(|&&depth| depth == 2)
-                    .map(move |_| index)
-            })
-            .collect();
-        if opens.len() != item_count {
-            return None;
-        }
-        let index = *opens.get(item)?;
-        let ids_on_line = self.lines[index]
-            .assigns
-            .iter()
-            .filter(|assign| assign.depth == 2 && assign.key == "id")
-            .count();
-        if ids_on_line > 1 {
-            // Several items on one line: check the right one is there.
-            let found = self.lines[index].assigns.iter().any(|assign| {
-                assign.depth == 2
-                    && assign.key == "id"
-                    && expected_id.is_none_or(|id| assign.value.as_deref() == Some(id))
-            });
-            return found.then_some(index + 1);
-        }
-        self.id_matches(index, 2, expected_id).then_some(index + 1)
-    }
-
-    /// Whether the `id` assigned at `depth` on line `index` (if any) is `expected`.
-    fn id_matches(&self, index: usize, depth: u32, expected: Option<&str>) -> bool {
-        let Some(expected) = expected else {
-            return true;
-        };
-        self.lines[index]
-            .assigns
-            .iter()
-            .filter(|assign| assign.depth == depth && assign.key == "id")
-            .all(|assign| {
-                assign
-                    .value
-                    .as_deref()
-                    .is_none_or(|value| value == expected)
-            })
-    }
-}
-
-/// Scans one line: header, `key =` assignments and inline-table openings, outside strings
-/// and comments. `depth` carries bracket nesting across lines.
-fn scan_line(line: &str, depth: &mut u32) -> LineInfo {
-    let trimmed = line.trim_start();
-    if *depth == 0 && trimmed.starts_with('[') {
-        return LineInfo {
-            header: parse_header(trimmed),
-            ..LineInfo::default()
-        };
-    }
-    let bytes = line.as_bytes();
-    let mut info = LineInfo::default();
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'#' => break,
-            b'"' | b'\'' => {
-                index = skip_string(bytes, index);
-                continue;
-            }
-            b'[' => *depth += 1,
-            b'{' => {
-                *depth += 1;
-                info.table_opens.push(*depth);
-            }
-            b']' | b'}' => *depth = depth.saturating_sub(1),
-            b'=' => {
-                if let Some(key) = key_before(&line[..index]) {
-                    info.assigns.push(Assign {
-                        key,
-                        depth: *depth,
-                        value: string_at(&line[index + 1..]),
-                    });
-                }
-            }
-            _ => {}
-        }
-        index += 1;
-    }
-    info
-}
-
-/// `[name]` → `(name, false)`, `[[name]]` → `(name, true)`; whitespace and quotes dropped.
-fn parse_header(trimmed: &str) -> Option<(String, bool)> {
-    let code = trimmed.split('#').next().unwrap_or(trimmed).trim_end();
-    let (inner, array) = if let Some(inner) = code.strip_prefix("[[") {
-        (inner.strip_suffix("]]")?, true)
-    } else {
-        (code.strip_prefix('[')?.strip_suffix(']')?, false)
-    };
-    let name: String = inner
-        .chars()
-        .filter(|character| !character.is_whitespace() && *character != '"' && *character != '\'')
-        .collect();
-    Some((name, array))
-}
-
-/// Index just past the string starting at `start` (or the end of the line).
-fn skip_string(bytes: &[u8], start: usize) -> usize {
-    let quote = bytes[start];
-    let mut index = start + 1;
-    while index < bytes.len() {
-        if bytes[index] == b'\\' && quote == b'"' {
-            index += 2;
-            continue;
-        }
-        if bytes[index] == quote {
-            return index + 1;
-        }
-        index += 1;
-    }
-    bytes.len()
-}
-
-/// The bare or quoted key just before an `=`.
-fn key_before(before: &str) -> Option<String> {
-    let before = before.trim_end();
-    if let Some(inner) = before.strip_suffix('"') {
-        let open = inner.rfind('"')?;
-        return Some(inner[open + 1..].to_owned());
-    }
-    let start = before
-        .rfind(|character: char| {
-            !(character.is_ascii_alphanumeric() || matches!(character, '_' | '-' | '.'))
-        })
-        .map_or(0, |index| index + 1);
-    let key = &before[start..];
-    (!key.is_empty()).then(|| key.to_owned())
-}
-
-/// The one-line string value at the start of `after` (the text after `=`).
-fn string_at(after: &str) -> Option<String> {
-    let after = after.trim_start();
-    if let Some(rest) = after.strip_prefix('\'') {
-        return rest.find('\'').map(|end| rest[..end].to_owned());
-    }
-    let rest = after.strip_prefix('"')?;
-    let mut value = String::new();
-    let mut characters = rest.chars();
-    while let Some(character) = characters.next() {
-        match character {
-            '"' => return Some(value),
-            '\\' => match characters.next()? {
-                'n' => value.push('\n'),
-                't' => value.push('\t'),
-                other => value.push(other),
-            },
-            other => value.push(other),
-        }
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2096,6 +1546,9 @@ mod strict_int {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{
+        AMQP_NAME_BYTES_MAX, CONFIG_POOLS_MAX, ID_BYTES_MAX, QUANTITY_MAX, WEIGHT_MAX,
+    };
 
     /// The contract's example file, verbatim.
     const EXAMPLE: &str = r#"[amqp]
@@ -2175,7 +1628,9 @@ items = [
     #[test]
     fn builtin_validates_and_has_the_contract_default_pool() {
         let config = Config::builtin();
-        config.validate().expect("builtin is valid");
+        RawConfig::from(&config)
+            .validate()
+            .expect("builtin is valid");
         assert_eq!(config.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(config.amqp.request_queue, "rewardpool.requests");
         assert_eq!(config.amqp.result_queue, "rewardpool.results");
@@ -2204,7 +1659,7 @@ items = [
         let items: Vec<(&str, Option<u64>, Option<u64>)> = pool
             .items
             .iter()
-            .map(|item| (item.id.as_str(), item.quantity_u64(), item.weight_u64()))
+            .map(|item| (item.id.as_str(), item.stock.quantity(), item.weight))
             .collect();
         assert_eq!(
             items,
@@ -2226,7 +1681,9 @@ items = [
     fn contract_example_loads_and_validates() {
         let (_, result) = load_text(EXAMPLE);
         let config = result.expect("example loads");
-        config.validate().expect("example validates");
+        RawConfig::from(&config)
+            .validate()
+            .expect("example validates");
         assert_eq!(config.amqp, AmqpConfig::default());
         assert_eq!(config.storage, StorageConfig::default());
         assert_eq!(config.pools.len(), 2);
@@ -2235,7 +1692,7 @@ items = [
         let items: Vec<(&str, Option<u64>, Option<u64>)> = spin
             .items
             .iter()
-            .map(|item| (item.id.as_str(), item.quantity_u64(), item.weight_u64()))
+            .map(|item| (item.id.as_str(), item.stock.quantity(), item.weight))
             .collect();
         assert_eq!(
             items,
@@ -2246,7 +1703,7 @@ items = [
             ]
         );
         let default = config.pool("default").expect("default pool");
-        assert_eq!(default.items[1].quantity, Some(90));
+        assert_eq!(default.items[1].stock, Stock::Limited(90));
         assert!(config.pool("nope").is_none());
     }
 
@@ -2264,7 +1721,7 @@ items = [ { id = "car", quantity = 1, weight = 1 }, { id = "voucher", quantity =
 "#;
         let (_, result) = load_text(text);
         let config = result.expect("loads");
-        assert_eq!(config.pools[1].items[2].quantity, None);
+        assert_eq!(config.pools[1].items[2].stock, Stock::Unlimited);
         assert_eq!(
             config.amqp,
             AmqpConfig::default(),
@@ -2306,7 +1763,10 @@ weight = 0
         let (path, error, message) = error_of(text);
         assert!(matches!(
             error,
-            ConfigError::NonPositiveWeight { value: 0, .. }
+            ConfigError::Rule {
+                rule: RuleError::NonPositiveWeight { value: 0 },
+                ..
+            }
         ));
         assert_contains(
             &message,
@@ -2353,7 +1813,7 @@ weight = 0
         );
         assert_eq!(config.storage.rng_seed, Some(u64::MAX));
         assert_eq!(config.storage.dedupe_window, 42);
-        assert_eq!(config.pools, builtin_pools());
+        assert_eq!(config.pools, Config::builtin().pools);
     }
 
     #[test]
@@ -2369,23 +1829,58 @@ weight = 0
         );
         let config = result.expect("loads");
         assert_eq!(config.amqp.prefetch, 500);
-        assert_eq!(config.pools[1].items[0].quantity, Some(5));
+        assert_eq!(config.pools[1].items[0].stock, Stock::Limited(5));
         assert_eq!(config.pools[1].items[2].id, "nothing");
     }
 
     #[test]
     fn env_pool_override_errors() {
-        let (_, result) = load_text_env(EXAMPLE, &[("REWARDPOOL__POOLS__2__ID", "x")]);
-        let message = result.expect_err("no pools[2]").to_string();
+        let (_, result) = load_text_env(EXAMPLE, &[("REWARDPOOL__POOLS__3__ID", "x")]);
+        let message = result.expect_err("no pools[3]").to_string();
         assert_contains(
             &message,
             &[
-                "REWARDPOOL__POOLS__2__ID",
-                "no pools[2]",
-                "2 pools",
+                "REWARDPOOL__POOLS__3__ID",
+                "no pools[3]",
+                "2 entries",
                 "0-based",
+                "at the end (pools[2])",
             ],
         );
+
+        // pools[2] is appended; without a mode it is incomplete.
+        let (_, result) = load_text_env(EXAMPLE, &[("REWARDPOOL__POOLS__2__ID", "x")]);
+        let message = result.expect_err("pools[2] has no mode").to_string();
+        assert_contains(
+            &message,
+            &["missing config key `pools[2].mode`", "pool \"x\""],
+        );
+        let (_, result) = load_text_env(
+            EXAMPLE,
+            &[
+                ("REWARDPOOL__POOLS__2__ID", "extra"),
+                ("REWARDPOOL__POOLS__2__MODE", "by_weight"),
+                ("REWARDPOOL__POOLS__2__ITEMS__0__ID", "a"),
+                ("REWARDPOOL__POOLS__2__ITEMS__0__WEIGHT", "3"),
+                ("REWARDPOOL__POOLS__2__ITEMS__1__ID", "b"),
+                ("REWARDPOOL__POOLS__2__ITEMS__1__QUANTITY", "4"),
+                ("REWARDPOOL__POOLS__2__ITEMS__1__WEIGHT", "5"),
+                ("REWARDPOOL__POOLS__0__ITEMS__2__ID", "copper"),
+                ("REWARDPOOL__POOLS__0__ITEMS__2__QUANTITY", "7"),
+                ("REWARDPOOL__ADMIN__ALLOWED_USERS__0", "ops"),
+            ],
+        );
+        let config = result.expect("the environment adds a pool, an item and a user");
+        assert_eq!(
+            config.pools[2],
+            PoolSeed::from_parts(
+                "extra",
+                Mode::ByWeight,
+                &[("a".into(), None, Some(3)), ("b".into(), Some(4), Some(5))]
+            )
+        );
+        assert_eq!(config.pools[0].items[2].stock, Stock::Limited(7));
+        assert_eq!(config.admin.allowed_users, ["ops"]);
 
         let (_, result) =
             load_text_env(EXAMPLE, &[("REWARDPOOL__POOLS__0__ITEMS__0__WEIGHT", "x")]);
@@ -2394,7 +1889,7 @@ weight = 0
             &message,
             &[
                 "REWARDPOOL__POOLS__0__ITEMS__0__WEIGHT",
-                "must be an integer",
+                "expected an integer",
             ],
         );
 
@@ -2608,7 +2103,13 @@ weight = 0
         );
         let (path, error, message) = error_of(&text);
         assert!(
-            matches!(error, ConfigError::DuplicatePoolId { .. }),
+            matches!(
+                error,
+                ConfigError::Rule {
+                    rule: RuleError::DuplicatePoolId { .. },
+                    ..
+                }
+            ),
             "{error:?}"
         );
         assert_contains(
@@ -2630,7 +2131,13 @@ weight = 0
         );
         let (path, error, message) = error_of(&text);
         assert!(
-            matches!(error, ConfigError::DuplicateItemId { .. }),
+            matches!(
+                error,
+                ConfigError::Rule {
+                    rule: RuleError::DuplicateItemId { .. },
+                    ..
+                }
+            ),
             "{error:?}"
         );
         assert_contains(
@@ -2659,7 +2166,16 @@ weight = 0
     fn a_pool_without_items_is_rejected() {
         let text = pool_file("[[pools]]\nid = \"empty\"\nmode = \"by_weight\"\nitems = []\n");
         let (path, error, message) = error_of(&text);
-        assert!(matches!(error, ConfigError::EmptyPool { .. }), "{error:?}");
+        assert!(
+            matches!(
+                error,
+                ConfigError::Rule {
+                    rule: RuleError::NoItems,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
         assert_contains(
             &message,
             &[
@@ -2673,7 +2189,13 @@ weight = 0
         let text = pool_file("[[pools]]\nid = \"empty\"\nmode = \"by_weight\"\n");
         let (_, error, _) = error_of(&text);
         assert!(
-            matches!(error, ConfigError::EmptyPool { .. }),
+            matches!(
+                error,
+                ConfigError::Rule {
+                    rule: RuleError::NoItems,
+                    ..
+                }
+            ),
             "missing items = empty"
         );
     }
@@ -2689,7 +2211,10 @@ weight = 0
         let (path, error, message) = error_of(&spin_with("{ id = \"x\", weight = 0 }"));
         assert!(matches!(
             error,
-            ConfigError::NonPositiveWeight { value: 0, .. }
+            ConfigError::Rule {
+                rule: RuleError::NonPositiveWeight { value: 0 },
+                ..
+            }
         ));
         assert_contains(
             &message,
@@ -2707,7 +2232,10 @@ weight = 0
         let (path, error, message) = error_of(&spin_with("{ id = \"x\", weight = -3 }"));
         assert!(matches!(
             error,
-            ConfigError::NonPositiveWeight { value: -3, .. }
+            ConfigError::Rule {
+                rule: RuleError::NonPositiveWeight { value: -3 },
+                ..
+            }
         ));
         assert_contains(
             &message,
@@ -2722,7 +2250,13 @@ weight = 0
     #[test]
     fn by_weight_item_without_weight_is_rejected() {
         let (path, error, message) = error_of(&spin_with("{ id = \"x\", quantity = 4 }"));
-        assert!(matches!(error, ConfigError::MissingWeight { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::MissingWeight,
+                ..
+            }
+        ));
         assert_contains(
             &message,
             &[
@@ -2745,7 +2279,13 @@ weight = 0
         let (path, error, message) = error_of(&quantity_pool_with(
             "{ id = \"x\", quantity = 1, weight = 5 }",
         ));
-        assert!(matches!(error, ConfigError::UnexpectedWeight { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::UnexpectedWeight,
+                ..
+            }
+        ));
         assert_contains(
             &message,
             &[
@@ -2759,7 +2299,13 @@ weight = 0
     #[test]
     fn unlimited_item_in_by_quantity_pool_is_rejected() {
         let (path, error, message) = error_of(&quantity_pool_with("{ id = \"x\" }"));
-        assert!(matches!(error, ConfigError::UnlimitedItem { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::UnlimitedItem,
+                ..
+            }
+        ));
         assert_contains(
             &message,
             &[
@@ -2776,7 +2322,10 @@ weight = 0
         let (path, error, message) = error_of(&quantity_pool_with("{ id = \"x\", quantity = -1 }"));
         assert!(matches!(
             error,
-            ConfigError::NegativeQuantity { value: -1, .. }
+            ConfigError::Rule {
+                rule: RuleError::NegativeQuantity { value: -1 },
+                ..
+            }
         ));
         assert_contains(
             &message,
@@ -2790,7 +2339,10 @@ weight = 0
         let (_, error, _) = error_of(&spin_with("{ id = \"x\", quantity = -7, weight = 1 }"));
         assert!(matches!(
             error,
-            ConfigError::NegativeQuantity { value: -7, .. }
+            ConfigError::Rule {
+                rule: RuleError::NegativeQuantity { value: -7 },
+                ..
+            }
         ));
     }
 
@@ -2798,7 +2350,7 @@ weight = 0
     fn quantity_zero_is_accepted() {
         let (_, result) = load_text(&quantity_pool_with("{ id = \"x\", quantity = 0 }"));
         let config = result.expect("quantity 0 is sold out, not an error");
-        assert_eq!(config.pools[0].items[1].quantity_u64(), Some(0));
+        assert_eq!(config.pools[0].items[1].stock, Stock::Limited(0));
         let (_, result) = load_text(&spin_with("{ id = \"x\", quantity = 0, weight = 3 }"));
         result.expect("quantity 0 in a by_weight pool");
     }
@@ -2806,10 +2358,16 @@ weight = 0
     #[test]
     fn id_bounds() {
         let (_, error, message) = error_of(&quantity_pool_with("{ id = \"\", quantity = 1 }"));
-        assert!(matches!(error, ConfigError::InvalidValue { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::EmptyId { .. },
+                ..
+            }
+        ));
         assert_contains(&message, &["`pools[0].items[1].id`", "must not be empty"]);
 
-        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let long = "x".repeat(ID_BYTES_MAX + 1);
         let (_, _, message) = error_of(&quantity_pool_with(&format!(
             "{{ id = \"{long}\", quantity = 1 }}"
         )));
@@ -2817,7 +2375,7 @@ weight = 0
             &message,
             &["`pools[0].items[1].id`", "129 bytes", "at most 128"],
         );
-        let fits = "y".repeat(MAX_ID_BYTES);
+        let fits = "y".repeat(ID_BYTES_MAX);
         let (_, result) = load_text(&quantity_pool_with(&format!(
             "{{ id = \"{fits}\", quantity = 1 }}"
         )));
@@ -2839,11 +2397,17 @@ weight = 0
 
     #[test]
     fn quantity_and_weight_bounds() {
-        let too_many = MAX_QUANTITY + 1;
+        let too_many = QUANTITY_MAX + 1;
         let (_, error, message) = error_of(&quantity_pool_with(&format!(
             "{{ id = \"x\", quantity = {too_many} }}"
         )));
-        assert!(matches!(error, ConfigError::OutOfRange { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::QuantityTooLarge { .. },
+                ..
+            }
+        ));
         assert_contains(
             &message,
             &[
@@ -2853,35 +2417,45 @@ weight = 0
             ],
         );
         let (_, result) = load_text(&quantity_pool_with(&format!(
-            "{{ id = \"x\", quantity = {MAX_QUANTITY} }}"
+            "{{ id = \"x\", quantity = {QUANTITY_MAX} }}"
         )));
         result.expect("2^40 is allowed");
 
-        let heavy = MAX_WEIGHT + 1;
+        let heavy = WEIGHT_MAX + 1;
         let (_, error, message) =
             error_of(&spin_with(&format!("{{ id = \"x\", weight = {heavy} }}")));
-        assert!(matches!(error, ConfigError::OutOfRange { .. }));
+        assert!(matches!(
+            error,
+            ConfigError::Rule {
+                rule: RuleError::WeightTooLarge { .. },
+                ..
+            }
+        ));
         assert_contains(
             &message,
             &["`pools[0].items[1].weight`", "2^32", &heavy.to_string()],
         );
         let (_, result) = load_text(&spin_with(&format!(
-            "{{ id = \"x\", weight = {MAX_WEIGHT} }}"
+            "{{ id = \"x\", weight = {WEIGHT_MAX} }}"
         )));
         result.expect("2^32 is allowed");
     }
 
     #[test]
     fn item_and_pool_counts_are_bounded() {
-        let ctx = Ctx::none();
-        check_item_count(&ctx, 0, Some("p"), MAX_ITEMS_PER_POOL).expect("2^24 items allowed");
-        let message = check_item_count(&ctx, 3, Some("p"), MAX_ITEMS_PER_POOL + 1)
-            .expect_err("too many items")
-            .to_string();
+        let mut raw = RawConfig::from(&Config::builtin());
+        // Empty ids (no allocation per item): the count is checked before any item.
+        let item = RawItem {
+            id: String::new(),
+            quantity: Some(1),
+            weight: None,
+        };
+        raw.pools[0].items = vec![item; POOL_ITEMS_MAX + 1];
+        let message = raw.validate().expect_err("too many items").to_string();
         assert_contains(
             &message,
             &[
-                "`pools[3].items`",
+                "`pools[0].items`",
                 "number of items",
                 "16777216",
                 "16777217",
@@ -2889,7 +2463,7 @@ weight = 0
         );
 
         let mut text = String::new();
-        for index in 0..=MAX_POOLS {
+        for index in 0..=CONFIG_POOLS_MAX {
             text.push_str(&format!(
                 "[[pools]]\nid = \"p{index}\"\nmode = \"by_quantity\"\nitems = [ {{ id = \"a\", quantity = 1 }} ]\n"
             ));
@@ -2963,15 +2537,15 @@ weight = 0
             assert_contains(&message, expected);
             assert_contains(&message, &[&format!("{} line 2", path.display())]);
         }
-        let long = "q".repeat(MAX_AMQP_NAME_BYTES + 1);
-        let mut config = Config::builtin();
+        let long = "q".repeat(AMQP_NAME_BYTES_MAX + 1);
+        let mut config = RawConfig::from(&Config::builtin());
         config.amqp.request_queue = long.clone();
         let message = config.validate().expect_err("too long").to_string();
         assert_contains(
             &message,
             &["`amqp.request_queue`", "256 bytes", "at most 255"],
         );
-        config.amqp.request_queue = "q".repeat(MAX_AMQP_NAME_BYTES);
+        config.amqp.request_queue = "q".repeat(AMQP_NAME_BYTES_MAX);
         let message = config
             .validate()
             .expect_err("derived dlx too long")
@@ -3027,7 +2601,7 @@ weight = 0
 
     #[test]
     fn validate_without_context_reports_no_origin() {
-        let mut config = Config::builtin();
+        let mut config = RawConfig::from(&Config::builtin());
         config.pools[0].items[0].quantity = Some(-2);
         let message = config.validate().expect_err("negative").to_string();
         assert_eq!(
@@ -3146,35 +2720,6 @@ weight = 0
     // --- helpers -------------------------------------------------------------------------------
 
     #[test]
-    fn key_lists_match_the_structs() {
-        fn keys<T: Serialize>(value: &T) -> Vec<String> {
-            let tree = config::Config::try_from(value).expect("serialize");
-            let table: HashMap<String, config::Value> = tree.try_deserialize().expect("table");
-            let mut keys: Vec<String> = table.into_keys().collect();
-            keys.sort();
-            keys
-        }
-        fn sorted(list: &[&str]) -> Vec<String> {
-            let mut list: Vec<String> = list.iter().map(|key| (*key).to_owned()).collect();
-            list.sort();
-            list
-        }
-        let mut config = Config::builtin();
-        config.storage.rng_seed = Some(1);
-        assert_eq!(keys(&config), sorted(TOP_KEYS));
-        assert_eq!(keys(&config.amqp), sorted(AMQP_KEYS));
-        assert_eq!(keys(&config.storage), sorted(STORAGE_KEYS));
-        let pool = config.pools[0].clone();
-        assert_eq!(keys(&pool), sorted(POOL_KEYS));
-        let item = ItemConfig {
-            id: "i".to_owned(),
-            quantity: Some(1),
-            weight: Some(1),
-        };
-        assert_eq!(keys(&item), sorted(ITEM_KEYS));
-    }
-
-    #[test]
     fn dead_letter_exchange_name_is_derived_when_empty() {
         let mut amqp = AmqpConfig::default();
         assert_eq!(amqp.dead_letter_exchange_name(), "rewardpool.requests.dlx");
@@ -3184,35 +2729,26 @@ weight = 0
 
     #[test]
     fn key_paths_parse() {
-        assert_eq!(normalize_key("pools[1]id"), "pools[1].id");
+        let path = key_path("pools[1].items[2].weight");
         assert_eq!(
-            normalize_key("pools[1].items[2]weight"),
-            "pools[1].items[2].weight"
+            path,
+            vec![
+                Seg::Key("pools".into()),
+                Seg::Index(1),
+                Seg::Key("items".into()),
+                Seg::Index(2),
+                Seg::Key("weight".into())
+            ]
         );
+        assert_eq!(key_text(&path), "pools[1].items[2].weight");
+        assert_eq!(key_text(&key_path("pools[1]id")), "pools[1].id");
         assert_eq!(
-            KeyRef::parse("pools[1].items[2].weight"),
-            KeyRef::Item {
-                pool: 1,
-                item: 2,
-                field: Some("weight")
-            }
+            key_text(&key_path("pools[0]items[0]quantity")),
+            "pools[0].items[0].quantity"
         );
-        assert_eq!(
-            KeyRef::parse("pools[3]"),
-            KeyRef::Pool {
-                pool: 3,
-                field: None
-            }
-        );
-        assert_eq!(
-            KeyRef::parse("amqp.url"),
-            KeyRef::Section {
-                table: "amqp",
-                field: "url"
-            }
-        );
-        assert_eq!(KeyRef::parse("pools"), KeyRef::Top("pools"));
-        assert_eq!(KeyRef::parse("bogus.x"), KeyRef::Top("bogus"));
+        assert_eq!(key_text(&key_path("amqp.url")), "amqp.url");
+        assert!(fields_of::<AmqpConfig>().contains(&"admin_queue"));
+        assert_eq!(fields_of::<RawItem>(), ["id", "quantity", "weight"]);
     }
 
     #[test]
@@ -3234,14 +2770,90 @@ weight = 0
             ],
         );
 
-        // Inline pools: no line rather than a wrong one.
+        // Inline pools: the spans still give the line.
         let text =
             "pools = [ { id = \"p\", mode = \"by_quantity\", items = [ { id = \"a\" } ] } ]\n";
         let (path, _, message) = error_of(text);
         assert_contains(
             &message,
-            &["`pools[0].items[0].quantity`", &path.display().to_string()],
+            &[
+                "`pools[0].items[0].quantity`",
+                &format!("{} line 1", path.display()),
+            ],
         );
-        assert!(!message.contains(" line "), "{message}");
+    }
+
+    #[test]
+    fn contract_keys_of_admin_metrics_log_tls_and_shards() {
+        let config = Config::builtin();
+        assert_eq!(config.amqp.admin_queue, "rewardpool.admin");
+        assert_eq!(config.amqp.tls_ca_file, "");
+        assert_eq!(config.amqp.exchange, "");
+        assert!(config.admin.allowed_users.is_empty());
+        assert_eq!(config.metrics.listen, "127.0.0.1:9464");
+        assert_eq!(config.log.format, LogFormat::Text);
+
+        let text = "[amqp]\nadmin_queue = \"ops\"\nexchange = \"rp\"\ntls_ca_file = \"ca.pem\"\n\
+                    [admin]\nallowed_users = [\"alice\"]\n[metrics]\nlisten = \"\"\n[log]\nformat = \"json\"\n";
+        let (_, result) = load_text(&format!(
+            "{text}\n{}",
+            quantity_pool_with("{ id = \"x\", quantity = 1 }")
+                .trim_start_matches("[storage]\ndata_dir = \"d\"\n")
+        ));
+        let config = result.expect("loads");
+        assert_eq!(config.amqp.admin_queue, "ops");
+        assert_eq!(config.amqp.exchange, "rp");
+        assert_eq!(config.amqp.tls_ca_file, "ca.pem");
+        assert_eq!(config.admin.allowed_users, ["alice"]);
+        assert_eq!(config.metrics.listen, "");
+        assert_eq!(config.log.format, LogFormat::Json);
+
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "[metrics]\nlisten = \"localhost\"",
+                &["`metrics.listen`", "socket address", "line 2"],
+            ),
+            (
+                "[admin]\nallowed_users = [\"\"]",
+                &["`admin.allowed_users[0]`", "must not be empty"],
+            ),
+            (
+                "[log]\nformat = \"xml\"",
+                &[
+                    "`log.format`",
+                    "must be \"text\" or \"json\", got \"xml\"",
+                    "line 2",
+                ],
+            ),
+            (
+                "[amqp]\ntls_cert_file = \"c.pem\"",
+                &["`amqp.tls_cert_file`", "both or neither", "line 2"],
+            ),
+            (
+                "[amqp]\nadmin_queue = \"rewardpool.requests\"",
+                &["`amqp.admin_queue`", "also used by amqp.request_queue"],
+            ),
+            (
+                "[amqp]\nexchange = \"amq.topic\"",
+                &["`amqp.exchange`", "reserves"],
+            ),
+        ];
+        for (section, expected) in cases {
+            let (_, _, message) = error_of(&format!(
+                "{section}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [ {{ id = \"a\", quantity = 1 }} ]\n"
+            ));
+            assert_contains(&message, expected);
+        }
+        let vars = env(&[("REWARDPOOL__METRICS__LISTEN", "0.0.0.0:9100")]);
+        let config = Config::load_with_env(None, &vars).expect("env sets metrics.listen");
+        assert_eq!(config.metrics.listen, "0.0.0.0:9100");
+    }
+
+    #[test]
+    fn the_deploy_example_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config.example.toml");
+        let config = Config::load_with_env(Some(&path), &[]).expect("the example is valid");
+        assert_eq!(config.amqp.admin_queue, "rewardpool.admin");
+        assert_eq!(config.metrics.listen, "127.0.0.1:9464");
     }
 }

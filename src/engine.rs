@@ -25,6 +25,10 @@
 use crate::dedupe::{MessageKey, message_key};
 use crate::failpoint::failpoint;
 use crate::ids::IdAllocator;
+use crate::limits::{
+    BATCH_RECORD_BYTES_ESTIMATE, ENGINE_COMMITTED_BATCHES_MAX, ENGINE_JOBS_MAX,
+    WAL_GROUP_BATCHES_MAX,
+};
 use crate::pool::DrawRng;
 use crate::record::Record;
 use crate::snapshot::{self, Image};
@@ -47,13 +51,13 @@ pub struct EngineOptions {
     pub segment_bytes_max: u64,
     pub id_block_size: u64,
     pub rng_seed: Option<u64>,
-    pub wal_keep_all: bool,
+    pub keep_all_wal: bool,
 }
 
 impl EngineOptions {
-    /// The engine's options from the config's `[storage]` section. `wal_keep_all` keeps every
+    /// The engine's options from the config's `[storage]` section. `keep_all_wal` keeps every
     /// WAL segment (no pruning), for tests that audit the whole history.
-    pub fn from_config(config: &crate::config::Config, wal_keep_all: bool) -> EngineOptions {
+    pub fn from_config(config: &crate::config::Config, keep_all_wal: bool) -> EngineOptions {
         let s = &config.storage;
         EngineOptions {
             data_dir: s.data_dir.clone(),
@@ -63,7 +67,7 @@ impl EngineOptions {
             segment_bytes_max: s.segment_bytes_max,
             id_block_size: s.id_block_size,
             rng_seed: s.rng_seed,
-            wal_keep_all,
+            keep_all_wal,
         }
     }
 }
@@ -102,8 +106,97 @@ pub struct Completion<T> {
 
 /// Completions of requests whose records are durable, in draw order.
 pub struct Committed<T> {
+    /// The batch whose records these are (a repeat-only group: the last batch before it).
     pub seq: u64,
     pub completions: Vec<Completion<T>>,
+    durable: Arc<DurableMark>,
+}
+
+impl<T> Committed<T> {
+    /// Asserts, in release builds too, that the WAL writer's durable mark covers this batch:
+    /// nothing completes before its records are on disk. Whoever completes calls it.
+    pub fn assert_durable(&self) {
+        self.durable.assert_covers(self.seq);
+    }
+}
+
+/// "Durable through batch N": the highest batch sequence number the WAL writer has fsynced.
+/// Only the writer advances it, after the fsync and before it sends any completion on.
+#[derive(Debug, Default)]
+pub struct DurableMark(AtomicU64);
+
+impl DurableMark {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn advance(&self, seq: u64) {
+        let before = self.0.fetch_max(seq, Ordering::AcqRel);
+        assert!(
+            before <= seq,
+            "durable mark moved back from {before} to {seq}"
+        );
+    }
+
+    pub fn assert_covers(&self, seq: u64) {
+        let durable = self.get();
+        assert!(
+            seq <= durable,
+            "batch {seq} completes before it is durable (durable through batch {durable})"
+        );
+    }
+}
+
+/// A fatal failure of the WAL writer or the snapshot thread. Never retried (an fsync error
+/// leaves the page cache in an unknown state); the `io::Error` is kept, so a full disk stays
+/// recognisable ([`StorageError::is_storage_full`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {seq}: {source}")]
+    Snapshot {
+        what: &'static str,
+        seq: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot thread stopped")]
+    SnapshotThreadGone,
+}
+
+impl StorageError {
+    /// The kind of the underlying I/O error, if there is one.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
+                Some(source.kind())
+            }
+            StorageError::SnapshotThreadGone => None,
+        }
+    }
+
+    /// ENOSPC (or a quota): the operator frees space; nothing is corrupt.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
+                is_disk_full(source)
+            }
+            StorageError::SnapshotThreadGone => false,
+        }
+    }
+}
+
+/// ENOSPC or a quota: the one storage failure an operator fixes by freeing space.
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    ) || error.raw_os_error() == Some(libc::ENOSPC)
 }
 
 /// Counters for benchmarks and logs; the two histograms are the worker's metrics series
@@ -139,7 +232,7 @@ impl Default for EngineStats {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("fatal storage error, the engine stopped: {0}")]
-    Fatal(String),
+    Fatal(#[source] Arc<StorageError>),
     #[error("engine thread panicked")]
     Panicked,
 }
@@ -155,13 +248,14 @@ enum Job<T> {
     Final(Image),
 }
 
-type Fatal = Arc<Mutex<Option<String>>>;
+type Fatal = Arc<Mutex<Option<Arc<StorageError>>>>;
 
 pub struct Engine<T> {
     tx: Option<mpsc::Sender<Command<T>>>,
     ids: Arc<IdAllocator>,
     stats: Arc<EngineStats>,
     fatal: Fatal,
+    durable: Arc<DurableMark>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -174,13 +268,15 @@ impl<T: Send + 'static> Engine<T> {
     ) -> (Engine<T>, mpsc::Receiver<Committed<T>>) {
         assert!(options.batch_records_max >= 1);
         let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
-        let (out_tx, out_rx) = mpsc::channel(64);
-        let (job_tx, job_rx) = std_mpsc::sync_channel::<Job<T>>(4);
+        let (out_tx, out_rx) = mpsc::channel(ENGINE_COMMITTED_BATCHES_MAX);
+        let (job_tx, job_rx) = std_mpsc::sync_channel::<Job<T>>(ENGINE_JOBS_MAX);
         let (snap_tx, snap_rx) = std_mpsc::sync_channel::<Image>(1);
         let ids = Arc::new(IdAllocator::new(state.reserved_ids, options.id_block_size));
         let stats = Arc::new(EngineStats::default());
         let fatal: Fatal = Arc::new(Mutex::new(None));
         let snap_busy = Arc::new(AtomicBool::new(false));
+        // The recovered state is on disk.
+        let durable = Arc::new(DurableMark(AtomicU64::new(state.seq)));
 
         let mut threads = Vec::new();
         {
@@ -200,15 +296,22 @@ impl<T: Send + 'static> Engine<T> {
             let stats = stats.clone();
             let fatal = fatal.clone();
             let options = options.clone();
+            let durable = durable.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("rp-writer".into())
                     .spawn(move || {
-                        if let Err(e) =
-                            writer_loop(segment, job_rx, out_tx, snap_tx, ids, stats, options)
-                        {
+                        let writer = Writer {
+                            out: out_tx,
+                            snaps: snap_tx,
+                            ids,
+                            stats,
+                            durable,
+                            options,
+                        };
+                        if let Err(e) = writer.run(segment, job_rx) {
                             tracing::error!(error = %e, "WAL write failed; the engine stops");
-                            fatal.lock().expect("fatal lock").get_or_insert(e);
+                            fatal.lock().expect("fatal lock").get_or_insert(Arc::new(e));
                         }
                     })
                     .expect("spawn writer thread"),
@@ -223,7 +326,7 @@ impl<T: Send + 'static> Engine<T> {
                     .spawn(move || {
                         if let Err(e) = snapshot_loop(snap_rx, snap_busy, stats, options) {
                             tracing::error!(error = %e, "snapshot failed; the engine stops");
-                            fatal.lock().expect("fatal lock").get_or_insert(e);
+                            fatal.lock().expect("fatal lock").get_or_insert(Arc::new(e));
                         }
                     })
                     .expect("spawn snapshot thread"),
@@ -235,6 +338,7 @@ impl<T: Send + 'static> Engine<T> {
                 ids,
                 stats,
                 fatal,
+                durable,
                 threads,
             },
             out_rx,
@@ -253,8 +357,12 @@ impl<T> Engine<T> {
         self.stats.clone()
     }
     /// The fatal error, if the engine stopped on one.
-    pub fn fatal(&self) -> Option<String> {
+    pub fn fatal(&self) -> Option<Arc<StorageError>> {
         self.fatal.lock().expect("fatal lock").clone()
+    }
+    /// The writer's "durable through batch N" mark.
+    pub fn durable(&self) -> Arc<DurableMark> {
+        self.durable.clone()
     }
 
     /// Drops this handle's sender. Once every other sender is gone too the engine finishes
@@ -321,7 +429,8 @@ fn engine_loop<T>(
         }
 
         // Sized for the batch so appending never reallocates: a draw record is ~40-600 bytes.
-        let mut batch = BatchBuilder::with_capacity(commands.len() * 96 + 64);
+        let mut batch =
+            BatchBuilder::with_capacity(commands.len() * BATCH_RECORD_BYTES_ESTIMATE + 64);
         let mut completions = Vec::with_capacity(commands.len());
         let reserve = ids.reservation_due(state.reserved_ids);
         if let Some(up_to) = reserve {
@@ -380,6 +489,8 @@ fn engine_loop<T>(
         if batch.is_empty() && completions.is_empty() {
             continue;
         }
+        // Conservation, per batch and in release builds: O(pools), not per draw.
+        state.assert_conserved();
         let bytes = if batch.is_empty() {
             None
         } else {
@@ -421,101 +532,124 @@ fn engine_loop<T>(
     let _ = job_tx.send(Job::Final(Image::capture(&state)));
 }
 
-fn writer_loop<T>(
-    mut segment: SegmentWriter,
-    jobs: std_mpsc::Receiver<Job<T>>,
+/// The WAL writer thread: group commit, then completions, in batch order.
+struct Writer<T> {
     out: mpsc::Sender<Committed<T>>,
     snaps: std_mpsc::SyncSender<Image>,
     ids: Arc<IdAllocator>,
     stats: Arc<EngineStats>,
+    durable: Arc<DurableMark>,
     options: EngineOptions,
-) -> Result<(), String> {
-    let dir = options.data_dir.clone();
-    let io = |what: &str, e: std::io::Error| format!("{what}: {e}");
-    let mut group: Vec<Job<T>> = Vec::new();
-    loop {
-        group.clear();
-        match jobs.recv() {
-            Ok(j) => group.push(j),
-            Err(_) => return Ok(()),
-        }
-        while group.len() < 64 {
-            match jobs.try_recv() {
+}
+
+fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> StorageError {
+    move |source| StorageError::Io { what, source }
+}
+
+impl<T> Writer<T> {
+    fn run(
+        self,
+        mut segment: SegmentWriter,
+        jobs: std_mpsc::Receiver<Job<T>>,
+    ) -> Result<(), StorageError> {
+        let dir = self.options.data_dir.clone();
+        let mut group: Vec<Job<T>> = Vec::new();
+        loop {
+            group.clear();
+            match jobs.recv() {
                 Ok(j) => group.push(j),
-                Err(_) => break,
+                Err(_) => return Ok(()),
             }
-        }
-        // 1. Write every batch of the group; rotate where a snapshot marked a batch.
-        let mut dirty = false;
-        for job in &group {
-            if let Job::Batch {
-                seq,
-                bytes: Some(bytes),
-                snapshot,
-                ..
-            } = job
-            {
-                if segment.len_bytes() >= options.segment_bytes_max {
-                    segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-                    segment = SegmentWriter::create(&dir, *seq)
-                        .map_err(|e| io("create WAL segment", e))?;
-                }
-                segment
-                    .append(bytes)
-                    .map_err(|e| io("write WAL segment", e))?;
-                failpoint("wal.after_write");
-                dirty = true;
-                if snapshot.is_some() {
-                    segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-                    failpoint("rotate.before_create");
-                    segment = SegmentWriter::create(&dir, seq + 1)
-                        .map_err(|e| io("create WAL segment", e))?;
-                    failpoint("rotate.after_create");
-                    dirty = false;
+            while group.len() < WAL_GROUP_BATCHES_MAX {
+                match jobs.try_recv() {
+                    Ok(j) => group.push(j),
+                    Err(_) => break,
                 }
             }
-        }
-        // 2. One fsync for the group.
-        if dirty {
-            let started = Instant::now();
-            segment.sync().map_err(|e| io("fsync WAL segment", e))?;
-            let took = started.elapsed();
-            stats.fsync_seconds.observe(took.as_secs_f64());
-            let us = took.as_micros() as u64;
-            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-            stats.fsync_us_total.fetch_add(us, Ordering::Relaxed);
-            stats.fsync_us_max.fetch_max(us, Ordering::Relaxed);
-            failpoint("wal.after_sync");
-        }
-        // 3. Durable: publish reservations, complete in order, hand snapshots on.
-        for job in group.drain(..) {
-            match job {
-                Job::Batch {
+            // 1. Write every batch of the group; rotate where a snapshot marked a batch.
+            let mut dirty = false;
+            let mut written_through = None;
+            for job in &group {
+                if let Job::Batch {
                     seq,
-                    completions,
-                    reserve,
+                    bytes: Some(bytes),
                     snapshot,
                     ..
-                } => {
-                    if let Some(up_to) = reserve {
-                        ids.set_durable(up_to);
+                } = job
+                {
+                    if segment.len_bytes() >= self.options.segment_bytes_max {
+                        segment.sync().map_err(io_error("fsync WAL segment"))?;
+                        segment = SegmentWriter::create(&dir, *seq)
+                            .map_err(io_error("create WAL segment"))?;
                     }
-                    if !completions.is_empty() {
-                        // A caller that stopped listening loses nothing: the records are durable.
-                        let _ = out.blocking_send(Committed { seq, completions });
-                    }
-                    if let Some(image) = snapshot {
-                        snaps
-                            .send(image)
-                            .map_err(|_| "snapshot thread stopped".to_string())?;
+                    segment
+                        .append(bytes)
+                        .map_err(io_error("write WAL segment"))?;
+                    failpoint("wal.after_write");
+                    dirty = true;
+                    written_through = Some(*seq);
+                    if snapshot.is_some() {
+                        segment.sync().map_err(io_error("fsync WAL segment"))?;
+                        failpoint("rotate.before_create");
+                        segment = SegmentWriter::create(&dir, seq + 1)
+                            .map_err(io_error("create WAL segment"))?;
+                        failpoint("rotate.after_create");
+                        dirty = false;
                     }
                 }
-                Job::Final(image) => {
-                    drop(out);
-                    snaps
-                        .send(image)
-                        .map_err(|_| "snapshot thread stopped".to_string())?;
-                    return Ok(());
+            }
+            // 2. One fsync for the group; then, and only then, the mark moves.
+            if dirty {
+                let started = Instant::now();
+                segment.sync().map_err(io_error("fsync WAL segment"))?;
+                let took = started.elapsed();
+                self.stats.fsync_seconds.observe(took.as_secs_f64());
+                let us = took.as_micros() as u64;
+                self.stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                self.stats.fsync_us_total.fetch_add(us, Ordering::Relaxed);
+                self.stats.fsync_us_max.fetch_max(us, Ordering::Relaxed);
+                failpoint("wal.after_sync");
+            }
+            if let Some(seq) = written_through {
+                self.durable.advance(seq);
+            }
+            // 3. Durable: publish reservations, complete in order, hand snapshots on.
+            for job in group.drain(..) {
+                match job {
+                    Job::Batch {
+                        seq,
+                        completions,
+                        reserve,
+                        snapshot,
+                        ..
+                    } => {
+                        if let Some(up_to) = reserve {
+                            self.ids.set_durable(up_to);
+                        }
+                        if !completions.is_empty() {
+                            let committed = Committed {
+                                seq,
+                                completions,
+                                durable: self.durable.clone(),
+                            };
+                            committed.assert_durable();
+                            // A caller that stopped listening loses nothing: the records are
+                            // durable.
+                            let _ = self.out.blocking_send(committed);
+                        }
+                        if let Some(image) = snapshot {
+                            self.snaps
+                                .send(image)
+                                .map_err(|_| StorageError::SnapshotThreadGone)?;
+                        }
+                    }
+                    Job::Final(image) => {
+                        drop(self.out);
+                        self.snaps
+                            .send(image)
+                            .map_err(|_| StorageError::SnapshotThreadGone)?;
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -527,14 +661,23 @@ fn snapshot_loop(
     busy: Arc<AtomicBool>,
     stats: Arc<EngineStats>,
     options: EngineOptions,
-) -> Result<(), String> {
+) -> Result<(), StorageError> {
     while let Ok(image) = images.recv() {
         let started = Instant::now();
-        snapshot::write(&options.data_dir, &image)
-            .map_err(|e| format!("write snapshot {}: {e}", image.seq))?;
+        let seq = image.seq;
+        snapshot::write(&options.data_dir, &image).map_err(|source| StorageError::Snapshot {
+            what: "write snapshot",
+            seq,
+            source,
+        })?;
         failpoint("snapshot.before_prune");
-        snapshot::prune(&options.data_dir, options.wal_keep_all)
-            .map_err(|e| format!("prune after snapshot {}: {e}", image.seq))?;
+        snapshot::prune(&options.data_dir, options.keep_all_wal).map_err(|source| {
+            StorageError::Snapshot {
+                what: "prune after snapshot",
+                seq,
+                source,
+            }
+        })?;
         stats.snapshots.fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             seq = image.seq,
@@ -544,4 +687,39 @@ fn snapshot_loop(
         busy.store(false, Ordering::Release);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_errors_keep_the_io_error_kind() {
+        let full = StorageError::Io {
+            what: "fsync WAL segment",
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(full.is_storage_full());
+        assert_eq!(full.io_kind(), Some(std::io::ErrorKind::StorageFull));
+        assert!(full.to_string().starts_with("fsync WAL segment: "));
+        let denied = StorageError::Snapshot {
+            what: "write snapshot",
+            seq: 7,
+            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        };
+        assert!(!denied.is_storage_full());
+        assert_eq!(denied.io_kind(), Some(std::io::ErrorKind::PermissionDenied));
+        assert!(!StorageError::SnapshotThreadGone.is_storage_full());
+    }
+
+    #[test]
+    fn the_durable_mark_only_moves_forward_and_guards_completions() {
+        let mark = DurableMark::default();
+        mark.advance(3);
+        mark.assert_covers(3);
+        mark.assert_covers(1);
+        assert!(std::panic::catch_unwind(|| mark.assert_covers(4)).is_err());
+        let mark = DurableMark(AtomicU64::new(5));
+        assert!(std::panic::catch_unwind(|| mark.advance(4)).is_err());
+    }
 }

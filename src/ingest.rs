@@ -12,7 +12,7 @@
 //! Reply confirms are awaited here in a bounded set (lapin keeps dropped confirms until
 //! `wait_for_confirms`, so they must not be dropped).
 
-use crate::admission::{Admission, Assigned, DrawSpec, EngineGone};
+use crate::admission::{Admission, DrawSpec, EngineGone, RepeatOf, Submission};
 use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
@@ -27,8 +27,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-/// Reply confirms outstanding before ingest waits for some.
-const REPLY_CONFIRMS_MAX: usize = 4096;
+use crate::limits::INGEST_REPLY_CONFIRMS_MAX as REPLY_CONFIRMS_MAX;
 
 /// How a session's ingest ended.
 pub enum IngestEnd {
@@ -200,29 +199,33 @@ async fn handle(
         }
     };
 
-    let (assigned, draw) = match admit {
+    let submission = match admit {
         Admit::Repeat(repeat) => {
             metrics.requests_repeat.inc();
-            (repeat, None)
+            Submission::Repeat(repeat)
         }
-        Admit::New(request) => (
-            admission.assign_new(key).await.inspect(|a| {
+        Admit::New(request) => Submission::New(
+            admission.assign_new(key).await.inspect(|new| {
                 metrics.requests_accepted.inc();
-                metrics.last_request_id.set(a.request_id as i64);
+                metrics.last_request_id.set(new.request_id as i64);
             })?,
-            Some(DrawSpec {
+            DrawSpec {
                 message_id: mid.map(str::to_string),
                 pool_index: pools.index[&request.pool],
                 user: request.user,
                 count: request.count,
-            }),
+            },
         ),
+    };
+    let request_id = match &submission {
+        Submission::New(new, _) => new.request_id,
+        Submission::Repeat(repeat) => repeat.request_id,
     };
     if let Some(reply_to) = &reply_to {
         let confirm = session
             .publish(
                 reply_to.as_str(),
-                &accepted_body(assigned.request_id),
+                &accepted_body(request_id),
                 reply_properties("accepted", &correlation_id),
             )
             .await;
@@ -233,7 +236,7 @@ async fn handle(
                 tracing::warn!(
                     message_id = mid.unwrap_or(""),
                     correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
-                    request_id = assigned.request_id,
+                    request_id,
                     error = %e,
                     "accepted reply not sent; the session fails"
                 );
@@ -249,7 +252,7 @@ async fn handle(
         correlation_id,
         received,
     };
-    admission.submit(assigned, draw, ticket).await?;
+    admission.submit(submission, ticket).await?;
     metrics.inflight.inc();
     metrics
         .stage_accepted
@@ -278,7 +281,7 @@ fn admit<T>(
 /// What ingest decided for a valid delivery.
 #[derive(Debug)]
 enum Admit {
-    Repeat(Assigned),
+    Repeat(RepeatOf),
     New(message::ParsedRequest),
 }
 
@@ -336,7 +339,7 @@ mod tests {
         let first = a.assign_blocking(Some("m-1")).unwrap();
         // The repeat's body is garbage and names an unknown pool: it is never parsed.
         match admit(&a, &pools(), &props(Some("m-1")), &[], b"not json {") {
-            Ok(Admit::Repeat(r)) => assert_eq!((r.request_id, r.repeat), (first.request_id, true)),
+            Ok(Admit::Repeat(r)) => assert_eq!(r.request_id, first.request_id()),
             other => panic!("expected a repeat: {other:?}"),
         }
     }

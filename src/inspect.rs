@@ -7,6 +7,7 @@
 use crate::config::Config;
 use crate::record::Record;
 use crate::recovery::{self, RecoveryError};
+use crate::seed::PoolSeed;
 use crate::snapshot;
 use crate::wal::{self, ScanEnd};
 use serde::Serialize;
@@ -121,9 +122,12 @@ pub fn wal_dump(
                     }
                     Record::Seed {
                         pool_index,
-                        pool_id,
-                        mode,
-                        items,
+                        pool:
+                            PoolSeed {
+                                id: pool_id,
+                                mode,
+                                items,
+                            },
                     } => {
                         if *pool_index as usize >= names.len() {
                             names.resize(*pool_index as usize + 1, (String::new(), vec![]));
@@ -137,7 +141,8 @@ pub fn wal_dump(
                             .take(20)
                             .map(|i| {
                                 let q = i
-                                    .quantity
+                                    .stock
+                                    .quantity()
                                     .map_or("unlimited".to_string(), |q| q.to_string());
                                 match i.weight {
                                     Some(w) => format!("{}:{}@{}", i.id, q, w),

@@ -4,6 +4,9 @@
 //!
 //! Storage core (no broker in it):
 //! - [`config`]: the configuration file, environment overrides, validation.
+//! - [`limits`]: every bound and queue depth, tied together by compile-time assertions.
+//! - [`seed`]: a pool as it enters the state (one type for config, records, pools) and the
+//!   pool/item rules, usable without a file.
 //! - [`pool`] and [`fenwick`]: one prize pool and its O(log n) draw.
 //! - [`record`]: WAL records and their checksummed encoding.
 //! - [`wal`]: segment files, batches (one per group commit), scanning.
@@ -44,6 +47,7 @@ pub mod fenwick;
 pub mod ids;
 pub mod ingest;
 pub mod inspect;
+pub mod limits;
 pub mod lock;
 pub mod message;
 pub mod metrics;
@@ -51,6 +55,7 @@ pub mod observe;
 pub mod pool;
 pub mod record;
 pub mod recovery;
+pub mod seed;
 pub mod session;
 pub mod settle;
 pub mod shutdown;

@@ -9,7 +9,7 @@ use crate::state::Outcome;
 use serde::Serialize;
 
 /// Bodies over this are rejected unparsed.
-pub const BODY_BYTES_MAX: usize = 64 * 1024;
+pub use crate::limits::BODY_BYTES_MAX;
 
 /// A request that can be drawn.
 #[derive(Debug, Clone, PartialEq, Eq)]

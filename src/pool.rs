@@ -26,26 +26,13 @@ use std::fmt;
 use rand::Rng;
 
 use crate::fenwick::Fenwick;
+use crate::limits::{POOL_ITEMS_MAX, QUANTITY_MAX, WEIGHT_MAX};
 
 /// The random number generator of the draws: fast, seedable, portable.
 pub type DrawRng = rand_chacha::ChaCha8Rng;
 
-/// Largest quantity of one item that config validation lets through.
-pub const MAX_QUANTITY: u64 = 1 << 40;
-/// Largest weight of one item that config validation lets through.
-pub const MAX_WEIGHT: u64 = 1 << 32;
-/// Largest number of items in one pool that config validation lets through.
-pub const MAX_ITEMS: usize = 1 << 24;
-
-/// How a pool turns stock into probabilities.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Every remaining unit is equally likely.
-    ByQuantity,
-    /// An item in stock is drawn with probability weight / total weight in stock.
-    ByWeight,
-}
+pub use crate::seed::Mode;
+use crate::seed::PoolSeed;
 
 /// State of one item. quantity None = unlimited (only allowed in by_weight pools).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,6 +57,11 @@ pub struct Pool {
     items: Vec<Item>,
     /// `tree.weight(i) == draw_weight(mode, &items[i])` for every `i`.
     tree: Fenwick,
+    /// Over the limited items, kept beside the items: `units_initial == units_left +
+    /// units_issued` is conservation, checked per batch in release builds.
+    units_initial: u64,
+    units_left: u64,
+    units_issued: u64,
 }
 
 /// Errors of pool construction and WAL replay.
@@ -100,34 +92,32 @@ impl fmt::Display for PoolError {
 impl std::error::Error for PoolError {}
 
 impl Pool {
-    /// Items are (id, quantity, weight) as validated by config: by_quantity items have a quantity and no weight; by_weight items have a weight >= 1 and optional quantity. initial = quantity, issued = 0.
-    pub fn seed(
-        id: &str,
-        mode: Mode,
-        items: &[(String, Option<u64>, Option<u64>)],
-    ) -> Result<Pool, PoolError> {
-        let items = items
+    /// A new pool from its seed: initial = quantity, issued = 0. The seed is checked again
+    /// here (as for a snapshot), so a bad seed is an error, never a wrong pool.
+    pub fn seed(seed: &PoolSeed) -> Result<Pool, PoolError> {
+        let items = seed
+            .items
             .iter()
-            .map(|(item_id, quantity, weight)| Item {
-                id: item_id.clone(),
-                quantity: *quantity,
-                weight: *weight,
-                initial: *quantity,
+            .map(|item| Item {
+                id: item.id.clone(),
+                quantity: item.stock.quantity(),
+                weight: item.weight,
+                initial: item.stock.quantity(),
                 issued: 0,
             })
             .collect();
-        Pool::from_items(id, mode, items)
+        Pool::from_items(&seed.id, seed.mode, items)
     }
 
     /// Rebuild from persisted items (snapshot). Checks invariants (initial == quantity + issued for limited items, by_quantity has no unlimited item, weights present in by_weight) -> PoolError::Invalid on violation.
     ///
     /// Also rejected: a weight in a by_quantity pool, a weight of 0, bounds
-    /// above [`MAX_QUANTITY`], [`MAX_WEIGHT`], [`MAX_ITEMS`], an unlimited
+    /// above [`QUANTITY_MAX`], [`WEIGHT_MAX`], [`POOL_ITEMS_MAX`], an unlimited
     /// item with an `initial`, and duplicate item ids.
     pub fn from_items(id: &str, mode: Mode, items: Vec<Item>) -> Result<Pool, PoolError> {
         let invalid = |reason: String| Err(PoolError::Invalid(format!("pool {id:?}: {reason}")));
-        if items.len() > MAX_ITEMS {
-            return invalid(format!("{} items, more than {MAX_ITEMS}", items.len()));
+        if items.len() > POOL_ITEMS_MAX {
+            return invalid(format!("{} items, more than {POOL_ITEMS_MAX}", items.len()));
         }
         let mut ids = HashSet::with_capacity(items.len());
         let mut weights = Vec::with_capacity(items.len());
@@ -146,11 +136,29 @@ impl Pool {
             };
             weights.push(weight);
         }
+        let (mut units_initial, mut units_left, mut units_issued) = (0u64, 0u64, 0u64);
+        for item in &items {
+            if let (Some(initial), Some(quantity)) = (item.initial, item.quantity) {
+                // Each initial <= QUANTITY_MAX and at most POOL_ITEMS_MAX items: checked sums.
+                let sums = (
+                    units_initial.checked_add(initial),
+                    units_left.checked_add(quantity),
+                    units_issued.checked_add(item.issued),
+                );
+                let (Some(a), Some(b), Some(c)) = sums else {
+                    return invalid("sum of the stock overflows u64".to_string());
+                };
+                (units_initial, units_left, units_issued) = (a, b, c);
+            }
+        }
         let pool = Pool {
             id: id.to_string(),
             mode,
             items,
             tree: Fenwick::from_weights(&weights),
+            units_initial,
+            units_left,
+            units_issued,
         };
         #[cfg(debug_assertions)]
         pool.check_invariants();
@@ -255,21 +263,31 @@ impl Pool {
                 // not wait for the item's cache line, a DRAM miss in a big
                 // pool: this took ~35% off a 1,000,000-item draw.
                 self.tree.add(index, -1);
-                if let Some(quantity) = item.quantity.as_mut() {
-                    *quantity = quantity.saturating_sub(1);
-                }
+                let quantity = item
+                    .quantity
+                    .as_mut()
+                    .expect("a by_quantity item is limited");
+                *quantity = quantity
+                    .checked_sub(1)
+                    .expect("issue of a by_quantity item with no units left");
                 item.issued += 1;
-                item.quantity.unwrap_or(0)
+                self.units_left -= 1;
+                self.units_issued += 1;
+                *quantity
             }
             Mode::ByWeight => {
                 // Mostly no tree change (unlimited, or units left); only the
                 // last unit of a limited item takes its weight out.
                 item.issued += 1;
                 if let Some(quantity) = item.quantity.as_mut() {
-                    *quantity = quantity.saturating_sub(1);
+                    *quantity = quantity
+                        .checked_sub(1)
+                        .expect("issue of a limited item with no units left");
+                    self.units_left -= 1;
+                    self.units_issued += 1;
                     if *quantity == 0 {
                         let weight = item.weight.unwrap_or(0);
-                        // weight <= MAX_WEIGHT < 2^63: fits i64.
+                        // weight <= WEIGHT_MAX < 2^63: fits i64.
                         self.tree.add(index, -(weight as i64));
                     }
                 }
@@ -284,6 +302,17 @@ impl Pool {
             initial == self.items[index].quantity.unwrap_or(0) + self.items[index].issued
         }));
         true
+    }
+
+    /// Conservation over the pool's limited items: every unit put in is left or issued.
+    /// O(1): the engine asserts it after every batch, in release builds too.
+    pub fn assert_conserved(&self) {
+        assert_eq!(
+            self.units_initial,
+            self.units_left + self.units_issued,
+            "pool {}: conservation broken (initial = left + issued)",
+            self.id
+        );
     }
 
     /// Recomputes every item's weight and the total from the items and
@@ -308,6 +337,16 @@ impl Pool {
             total = total.checked_add(weight).expect("weights overflow u64");
         }
         assert_eq!(self.tree.total(), total, "pool {}: tree total", self.id);
+        let limited = self.items.iter().filter(|item| item.quantity.is_some());
+        let left: u64 = limited.clone().filter_map(|item| item.quantity).sum();
+        let issued: u64 = limited.map(|item| item.issued).sum();
+        assert_eq!(
+            (self.units_left, self.units_issued),
+            (left, issued),
+            "pool {}",
+            self.id
+        );
+        self.assert_conserved();
         assert_eq!(self.tree.prefix(self.items.len()), total);
     }
 }
@@ -340,16 +379,16 @@ fn check_item(mode: Mode, item: &Item) -> Result<(), String> {
         Mode::ByWeight => match item.weight {
             None => return Err("by_weight items must have a weight".to_string()),
             Some(0) => return Err("weight must be >= 1".to_string()),
-            Some(weight) if weight > MAX_WEIGHT => {
-                return Err(format!("weight {weight} > {MAX_WEIGHT}"));
+            Some(weight) if weight > WEIGHT_MAX => {
+                return Err(format!("weight {weight} > {WEIGHT_MAX}"));
             }
             Some(_) => {}
         },
     }
     match (item.quantity, item.initial) {
         (Some(quantity), Some(initial)) => {
-            if initial > MAX_QUANTITY {
-                return Err(format!("initial {initial} > {MAX_QUANTITY}"));
+            if initial > QUANTITY_MAX {
+                return Err(format!("initial {initial} > {QUANTITY_MAX}"));
             }
             if quantity.checked_add(item.issued) != Some(initial) {
                 return Err(format!(
@@ -397,7 +436,7 @@ mod tests {
             .enumerate()
             .map(|(i, &q)| (format!("item{i}"), Some(q), None))
             .collect();
-        Pool::seed("pq", Mode::ByQuantity, &items).unwrap()
+        Pool::seed(&PoolSeed::from_parts("pq", Mode::ByQuantity, &items)).unwrap()
     }
 
     fn item(id: &str, quantity: Option<u64>, weight: Option<u64>, issued: u64) -> Item {
@@ -449,7 +488,7 @@ mod tests {
             ("rare".to_string(), Some(3), Some(1000)),
             ("common".to_string(), None, Some(1)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         let mut rng = DrawRng::seed_from_u64(7);
         let mut rare_draws = 0;
         let mut out = Vec::new();
@@ -476,7 +515,7 @@ mod tests {
             ("a".to_string(), Some(2), Some(5)),
             ("b".to_string(), Some(1), Some(1)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         let mut rng = DrawRng::seed_from_u64(3);
         let mut out = Vec::new();
         assert_eq!(pool.draw(10, &mut rng, &mut out), 3);
@@ -506,7 +545,7 @@ mod tests {
 
     #[test]
     fn empty_pool_draws_nothing() {
-        let mut pool = Pool::seed("empty", Mode::ByWeight, &[]).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("empty", Mode::ByWeight, &[])).unwrap();
         let mut rng = DrawRng::seed_from_u64(0);
         assert_eq!(pool.draw_one(&mut rng), None);
         let mut out = Vec::new();
@@ -519,7 +558,7 @@ mod tests {
             ("one".to_string(), Some(1), Some(2)),
             ("free".to_string(), None, Some(3)),
         ];
-        let mut pool = Pool::seed("pw", Mode::ByWeight, &items).unwrap();
+        let mut pool = Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap();
         assert_eq!(pool.in_stock_weight(), 5);
         pool.apply_issue(0).unwrap();
         assert_eq!(pool.in_stock_weight(), 3);
@@ -567,7 +606,7 @@ mod tests {
         let items: Vec<_> = (0..50)
             .map(|i| (format!("i{i}"), Some(i % 4), Some(1 + i % 7)))
             .collect();
-        let mut live = Pool::seed("p", Mode::ByWeight, &items).unwrap();
+        let mut live = Pool::seed(&PoolSeed::from_parts("p", Mode::ByWeight, &items)).unwrap();
         let mut replayed = live.clone();
         let mut rng = DrawRng::seed_from_u64(42);
         let mut out = Vec::new();
@@ -626,11 +665,11 @@ mod tests {
         // bounds and duplicates
         assert!(invalid(
             Mode::ByWeight,
-            vec![item("a", None, Some(MAX_WEIGHT + 1), 0)]
+            vec![item("a", None, Some(WEIGHT_MAX + 1), 0)]
         ));
         assert!(invalid(
             Mode::ByQuantity,
-            vec![item("a", Some(MAX_QUANTITY + 1), None, 0)]
+            vec![item("a", Some(QUANTITY_MAX + 1), None, 0)]
         ));
         assert!(invalid(
             Mode::ByQuantity,
@@ -638,7 +677,11 @@ mod tests {
         ));
         // seed goes through the same checks
         assert!(matches!(
-            Pool::seed("p", Mode::ByQuantity, &[("a".to_string(), None, None)]),
+            Pool::seed(&PoolSeed::from_parts(
+                "p",
+                Mode::ByQuantity,
+                &[("a".to_string(), None, None)]
+            )),
             Err(PoolError::Invalid(_))
         ));
         // and accepts valid snapshots, including partly issued ones
@@ -712,7 +755,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, &q)| (format!("q{i}"), Some(q), None))
                 .collect();
-            Pool::seed("pq", Mode::ByQuantity, &items).unwrap()
+            Pool::seed(&PoolSeed::from_parts("pq", Mode::ByQuantity, &items)).unwrap()
         });
         let weight_items =
             proptest::collection::vec((proptest::option::weighted(0.8, 0u64..6), 1u64..20), 0..12)
@@ -722,7 +765,7 @@ mod tests {
                         .enumerate()
                         .map(|(i, &(q, w))| (format!("w{i}"), q, Some(w)))
                         .collect();
-                    Pool::seed("pw", Mode::ByWeight, &items).unwrap()
+                    Pool::seed(&PoolSeed::from_parts("pw", Mode::ByWeight, &items)).unwrap()
                 });
         prop_oneof![quantity_items, weight_items]
     }

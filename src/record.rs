@@ -16,13 +16,10 @@
 //! read (`decode` checks the CRC and every bound): TigerBeetle's pair assertions.
 
 use crate::pool::Mode;
+use crate::seed::{PoolSeed, SeedItem, Stock};
 
-pub const MESSAGE_ID_BYTES_MAX: usize = 255;
-pub const USER_BYTES_MAX: usize = 256;
-pub const COUNT_MAX: u32 = 100;
-pub const NAME_BYTES_MAX: usize = 255;
-/// Bound on one record's body. A `Seed` of a 16M-item pool is the largest record.
-pub const RECORD_BYTES_MAX: usize = 1 << 30;
+use crate::limits::RECORD_NAME_BYTES_MAX as NAME_BYTES_MAX;
+pub use crate::limits::{COUNT_MAX, MESSAGE_ID_BYTES_MAX, RECORD_BYTES_MAX, USER_BYTES_MAX};
 const FRAME_HEADER_BYTES: usize = 8;
 
 const KIND_SEED: u8 = 1;
@@ -30,23 +27,9 @@ const KIND_RESERVE: u8 = 2;
 const KIND_DRAW: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SeedItem {
-    pub id: String,
-    pub quantity: Option<u64>,
-    pub weight: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
-    Seed {
-        pool_index: u32,
-        pool_id: String,
-        mode: Mode,
-        items: Vec<SeedItem>,
-    },
-    Reserve {
-        ids_up_to: u64,
-    },
+    Seed { pool_index: u32, pool: PoolSeed },
+    Reserve { ids_up_to: u64 },
     Draw(DrawRecord),
 }
 
@@ -61,7 +44,7 @@ pub struct DrawRecord {
     pub items: Vec<u32>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record truncated: need {need} bytes, have {have}")]
     Truncated { need: usize, have: usize },
@@ -155,12 +138,12 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&ids_up_to.to_le_bytes());
             end_frame(out, start);
         }
-        Record::Seed {
-            pool_index,
-            pool_id,
-            mode,
-            items,
-        } => {
+        Record::Seed { pool_index, pool } => {
+            let PoolSeed {
+                id: pool_id,
+                mode,
+                items,
+            } = pool;
             assert!(pool_id.len() <= NAME_BYTES_MAX);
             let start = begin_frame(out);
             out.push(KIND_SEED);
@@ -173,7 +156,7 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             out.extend_from_slice(&(items.len() as u32).to_le_bytes());
             for item in items {
                 put_name(out, &item.id);
-                put_opt_u64(out, item.quantity);
+                put_opt_u64(out, item.stock.quantity());
                 put_opt_u64(out, item.weight);
             }
             end_frame(out, start);
@@ -301,15 +284,17 @@ pub fn decode(bytes: &[u8]) -> Result<(Record, usize), DecodeError> {
                 let weight = r.opt_u64()?;
                 items.push(SeedItem {
                     id,
-                    quantity,
+                    stock: Stock::from_quantity(quantity),
                     weight,
                 });
             }
             Record::Seed {
                 pool_index,
-                pool_id,
-                mode,
-                items,
+                pool: PoolSeed {
+                    id: pool_id,
+                    mode,
+                    items,
+                },
             }
         }
         kind => return Err(DecodeError::UnknownKind(kind)),
@@ -419,20 +404,14 @@ mod tests {
             Record::Reserve { ids_up_to: 65536 },
             Record::Seed {
                 pool_index: 3,
-                pool_id: "spin".into(),
-                mode: Mode::ByWeight,
-                items: vec![
-                    SeedItem {
-                        id: "car".into(),
-                        quantity: Some(1),
-                        weight: Some(1),
-                    },
-                    SeedItem {
-                        id: "try_again".into(),
-                        quantity: None,
-                        weight: Some(900),
-                    },
-                ],
+                pool: PoolSeed::from_parts(
+                    "spin",
+                    Mode::ByWeight,
+                    &[
+                        ("car".into(), Some(1), Some(1)),
+                        ("try_again".into(), None, Some(900)),
+                    ],
+                ),
             },
         ];
         let mut buf = Vec::new();

@@ -12,10 +12,11 @@
 //! tail, seed pools that are new in the config (as `Seed` records in a fresh segment), write a
 //! snapshot, start a fresh segment for the engine, prune old files.
 
-use crate::config::{Config, PoolConfig};
+use crate::config::Config;
 use crate::failpoint::failpoint;
 use crate::lock::{DirLock, LockError};
-use crate::record::{Record, SeedItem};
+use crate::record::Record;
+use crate::seed::PoolSeed;
 use crate::snapshot::{self, Image};
 use crate::state::State;
 use crate::wal::{self, BatchBuilder, ScanEnd, SegmentWriter, sync_dir};
@@ -74,9 +75,7 @@ fn io_error(what: &'static str, path: &Path, error: io::Error) -> RecoveryError 
     }
 }
 
-fn is_disk_full(error: &io::Error) -> bool {
-    error.kind() == io::ErrorKind::StorageFull || error.raw_os_error() == Some(libc::ENOSPC)
-}
+use crate::engine::is_disk_full;
 
 /// What `load` found, for logs and for `recover`'s repairs.
 #[derive(Debug, Default)]
@@ -87,7 +86,7 @@ pub struct LoadReport {
     pub batches_replayed: u64,
     pub records_replayed: u64,
     /// Torn tail: file, offset where it starts, bytes after it, reason.
-    pub torn_tail: Option<(PathBuf, u64, u64, String)>,
+    pub torn_tail: Option<(PathBuf, u64, u64, wal::BatchError)>,
     /// Segments after a torn tail that hold no valid batch.
     pub empty_after_tail: Vec<PathBuf>,
 }
@@ -182,18 +181,6 @@ pub fn load(dir: &Path, dedupe_window: usize) -> Result<(State, LoadReport), Rec
     Ok((state, report))
 }
 
-/// The config's pool as a seed.
-pub fn seed_items(pool: &PoolConfig) -> Vec<SeedItem> {
-    pool.items
-        .iter()
-        .map(|i| SeedItem {
-            id: i.id.clone(),
-            quantity: i.quantity_u64(),
-            weight: i.weight_u64(),
-        })
-        .collect()
-}
-
 /// Seeds, in memory only, the config's pools that the state does not have (for `inspect`).
 /// Seeds, in memory, the config's pools that the state does not have, and returns their
 /// `Seed` records (`recover` makes them durable; `inspect` only shows the result).
@@ -201,7 +188,7 @@ pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<Vec<Record>,
     let mut seeds = Vec::new();
     for pool in &config.pools {
         if state.pool_index(&pool.id).is_none() {
-            let record = state.seed_record(&pool.id, pool.mode, &seed_items(pool));
+            let record = state.seed_record(pool);
             state.apply(&record).map_err(|e| RecoveryError::Seed {
                 pool: pool.id.clone(),
                 reason: e.to_string(),
@@ -213,7 +200,7 @@ pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<Vec<Record>,
 }
 
 /// Differences between the config and a pool that already has durable state.
-pub fn config_differences(state: &State, pool: &PoolConfig) -> Vec<String> {
+pub fn config_differences(state: &State, pool: &PoolSeed) -> Vec<String> {
     let Some(index) = state.pool_index(&pool.id) else {
         return vec![];
     };
@@ -230,20 +217,18 @@ pub fn config_differences(state: &State, pool: &PoolConfig) -> Vec<String> {
         match items.iter().find(|i| i.id == item.id) {
             None => out.push(format!("item {:?} is not in the state", item.id)),
             Some(have) => {
-                if have.initial != item.quantity_u64() {
+                if have.initial != item.stock.quantity() {
                     out.push(format!(
                         "item {:?}: quantity {:?} in config, seeded with {:?}",
                         item.id,
-                        item.quantity_u64(),
+                        item.stock.quantity(),
                         have.initial
                     ));
                 }
-                if have.weight != item.weight_u64() {
+                if have.weight != item.weight {
                     out.push(format!(
                         "item {:?}: weight {:?} in config, {:?} in state",
-                        item.id,
-                        item.weight_u64(),
-                        have.weight
+                        item.id, item.weight, have.weight
                     ));
                 }
             }
@@ -319,8 +304,8 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
     // Seed new pools durably before anything can draw from them.
     let seeds = seed_in_memory(&mut state, config)?;
     for seed in &seeds {
-        if let Record::Seed { pool_id, .. } = seed {
-            tracing::info!(pool = %pool_id, "pool seeded from the config");
+        if let Record::Seed { pool, .. } = seed {
+            tracing::info!(pool = %pool.id, "pool seeded from the config");
         }
     }
     if !seeds.is_empty() {

@@ -19,10 +19,10 @@ use futures::{FutureExt, StreamExt};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
-/// Publish groups whose confirms may be outstanding at once (prefetch bounds the requests).
-const BATCHES_IN_FLIGHT_MAX: usize = 256;
-/// Completions gathered into one publish group.
-const GROUP_COMPLETIONS_MAX: usize = 4096;
+use crate::limits::{
+    SETTLE_BATCHES_IN_FLIGHT_MAX as BATCHES_IN_FLIGHT_MAX,
+    SETTLE_GROUP_COMPLETIONS_MAX as GROUP_COMPLETIONS_MAX,
+};
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SettleStats {
@@ -44,17 +44,33 @@ pub async fn run(
     let mut counters = metrics.draw_counters();
     let mut in_flight = FuturesOrdered::new();
     let mut open = true;
+    // Batches arrive in order, each durable (asserted, release builds too: nothing is
+    // published or acked before its records are on disk).
+    let mut last_seq = 0;
+    let mut check = |batch: &Committed<Ticket>| {
+        batch.assert_durable();
+        assert!(
+            batch.seq >= last_seq,
+            "batch {} settles after batch {last_seq}",
+            batch.seq
+        );
+        last_seq = batch.seq;
+    };
     while open || !in_flight.is_empty() {
         tokio::select! {
             batch = committed.recv(), if open && in_flight.len() < BATCHES_IN_FLIGHT_MAX => {
                 match batch {
                     None => open = false,
                     Some(mut batch) => {
+                        check(&batch);
                         // Take every batch already waiting, up to a bound: one publish group,
                         // one confirm future, fewer and larger acks.
                         while batch.completions.len() < GROUP_COMPLETIONS_MAX {
                             match committed.try_recv() {
-                                Ok(more) => batch.completions.extend(more.completions),
+                                Ok(more) => {
+                                    check(&more);
+                                    batch.completions.extend(more.completions);
+                                }
                                 Err(_) => break,
                             }
                         }

@@ -7,7 +7,8 @@
 
 use crate::dedupe::{MessageKey, Window, message_key};
 use crate::pool::{DrawRng, Item, Mode, Pool, PoolError};
-use crate::record::{DrawRef, Record, SeedItem};
+use crate::record::{DrawRef, Record};
+use crate::seed::PoolSeed;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -142,37 +143,26 @@ impl State {
     }
 
     /// The record that seeds `pool` at the next index.
-    pub fn seed_record(&self, pool_id: &str, mode: Mode, items: &[SeedItem]) -> Record {
+    pub fn seed_record(&self, pool: &PoolSeed) -> Record {
         Record::Seed {
             pool_index: self.pools.len() as u32,
-            pool_id: pool_id.to_string(),
-            mode,
-            items: items.to_vec(),
+            pool: pool.clone(),
         }
     }
 
     /// Replays one record read from the WAL.
     pub fn apply(&mut self, record: &Record) -> Result<(), StateError> {
         match record {
-            Record::Seed {
-                pool_index,
-                pool_id,
-                mode,
-                items,
-            } => {
+            Record::Seed { pool_index, pool } => {
                 let expected = self.pools.len() as u32;
                 if *pool_index != expected {
                     return Err(StateError::SeedIndex {
-                        pool: pool_id.clone(),
+                        pool: pool.id.clone(),
                         index: *pool_index,
                         expected,
                     });
                 }
-                let specs: Vec<(String, Option<u64>, Option<u64>)> = items
-                    .iter()
-                    .map(|i| (i.id.clone(), i.quantity, i.weight))
-                    .collect();
-                let pool = Pool::seed(pool_id, *mode, &specs)?;
+                let pool = Pool::seed(pool)?;
                 self.add_pool(pool)?;
             }
             Record::Reserve { ids_up_to } => {
@@ -309,6 +299,13 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Asserts conservation in every pool (O(pools)); the engine calls it once per batch.
+    pub fn assert_conserved(&self) {
+        for slot in &self.pools {
+            slot.pool.assert_conserved();
+        }
     }
 
     /// Sum over limited items of (initial, remaining, issued); conservation holds when

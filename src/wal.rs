@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 pub const BATCH_MAGIC: u32 = 0x3142_5052; // "RPB1" little-endian
 pub const BATCH_HEADER_BYTES: usize = 28;
 /// A batch payload is bounded: batches of at most `batch_records_max` draws, or one seed.
-pub const BATCH_PAYLOAD_BYTES_MAX: usize = record::RECORD_BYTES_MAX + 4096;
+pub use crate::limits::BATCH_PAYLOAD_BYTES_MAX;
 
 /// Builds one batch in memory: header space first, records appended, header filled last.
 pub struct BatchBuilder {
@@ -90,65 +90,90 @@ pub struct Batch {
     pub records: Vec<Record>,
 }
 
-/// Parses the batch at `offset`. Any problem is a reason string (for logs and errors).
-pub fn parse_batch(bytes: &[u8], offset: usize) -> Result<Batch, String> {
+/// Why the bytes at an offset are not a valid batch (a torn tail or corruption).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("truncated batch header ({got} of {BATCH_HEADER_BYTES} bytes)")]
+    TruncatedHeader { got: usize },
+    #[error("bad batch magic {0:#010x}")]
+    BadMagic(u32),
+    #[error("batch header checksum mismatch")]
+    HeaderChecksum,
+    #[error("batch payload length {0} exceeds the bound")]
+    PayloadTooLong(usize),
+    #[error("truncated batch payload ({got} of {len} bytes)")]
+    TruncatedPayload { got: usize, len: usize },
+    #[error("batch payload checksum mismatch")]
+    PayloadChecksum,
+    #[error("batch sequence number 0")]
+    ZeroSeq,
+    #[error("batch claims {count} records in {len} bytes")]
+    TooManyRecords { count: usize, len: usize },
+    #[error("record at +{at}: {source}")]
+    Record {
+        at: usize,
+        #[source]
+        source: record::DecodeError,
+    },
+    #[error("batch header says {count} records, payload holds {held}")]
+    CountMismatch { count: usize, held: usize },
+}
+
+/// Parses the batch at `offset`.
+pub fn parse_batch(bytes: &[u8], offset: usize) -> Result<Batch, BatchError> {
     let rest = &bytes[offset..];
     if rest.len() < BATCH_HEADER_BYTES {
-        return Err(format!(
-            "truncated batch header ({} of {BATCH_HEADER_BYTES} bytes)",
-            rest.len()
-        ));
+        return Err(BatchError::TruncatedHeader { got: rest.len() });
     }
     let h = &rest[..BATCH_HEADER_BYTES];
     let magic = u32::from_le_bytes(h[0..4].try_into().expect("4"));
     if magic != BATCH_MAGIC {
-        return Err(format!("bad batch magic {magic:#010x}"));
+        return Err(BatchError::BadMagic(magic));
     }
     let header_crc = u32::from_le_bytes(h[24..28].try_into().expect("4"));
     if crc32c::crc32c(&h[0..24]) != header_crc {
-        return Err("batch header checksum mismatch".into());
+        return Err(BatchError::HeaderChecksum);
     }
     let seq = u64::from_le_bytes(h[4..12].try_into().expect("8"));
     let count = u32::from_le_bytes(h[12..16].try_into().expect("4")) as usize;
     let payload_len = u32::from_le_bytes(h[16..20].try_into().expect("4")) as usize;
     let payload_crc = u32::from_le_bytes(h[20..24].try_into().expect("4"));
     if payload_len > BATCH_PAYLOAD_BYTES_MAX {
-        return Err(format!(
-            "batch payload length {payload_len} exceeds the bound"
-        ));
+        return Err(BatchError::PayloadTooLong(payload_len));
     }
     if rest.len() < BATCH_HEADER_BYTES + payload_len {
-        return Err(format!(
-            "truncated batch payload ({} of {payload_len} bytes)",
-            rest.len() - BATCH_HEADER_BYTES
-        ));
+        return Err(BatchError::TruncatedPayload {
+            got: rest.len() - BATCH_HEADER_BYTES,
+            len: payload_len,
+        });
     }
     let payload = &rest[BATCH_HEADER_BYTES..BATCH_HEADER_BYTES + payload_len];
     if crc32c::crc32c(payload) != payload_crc {
-        return Err("batch payload checksum mismatch".into());
+        return Err(BatchError::PayloadChecksum);
     }
     if seq == 0 {
-        return Err("batch sequence number 0".into());
+        return Err(BatchError::ZeroSeq);
     }
     // Each record takes at least 9 bytes: bound the allocation by the payload.
     if count > payload_len / 9 + 1 {
-        return Err(format!(
-            "batch claims {count} records in {payload_len} bytes"
-        ));
+        return Err(BatchError::TooManyRecords {
+            count,
+            len: payload_len,
+        });
     }
     let mut records = Vec::with_capacity(count);
     let mut at = 0;
     while at < payload.len() {
         let (record, used) =
-            record::decode(&payload[at..]).map_err(|e| format!("record at +{at}: {e}"))?;
+            record::decode(&payload[at..]).map_err(|source| BatchError::Record { at, source })?;
         records.push(record);
         at += used;
     }
     if records.len() != count {
-        return Err(format!(
-            "batch header says {count} records, payload holds {}",
-            records.len()
-        ));
+        return Err(BatchError::CountMismatch {
+            count,
+            held: records.len(),
+        });
     }
     Ok(Batch {
         seq,
@@ -164,7 +189,7 @@ pub enum ScanEnd {
     /// Every byte belonged to a valid batch.
     Clean,
     /// Bytes from `offset` on do not form a valid batch.
-    Damaged { offset: u64, reason: String },
+    Damaged { offset: u64, reason: BatchError },
 }
 
 /// Scans a segment's bytes from the start; calls `on_batch` for each valid batch in order and

@@ -13,6 +13,7 @@
 
 use rand::SeedableRng;
 use rewardpool::pool::{DrawRng, Mode, Pool};
+use rewardpool::seed::PoolSeed;
 
 /// Upper critical values of the chi-square distribution at p = 0.001
 /// (P(X >= value) = 0.001), by degrees of freedom. df 2 and 59 match the
@@ -72,7 +73,7 @@ fn by_weight_matches_weights() {
         ("voucher", Some(1_000_000), Some(99)),
         ("try_again", None, Some(900)),
     ]);
-    let mut pool = Pool::seed("weights", Mode::ByWeight, &items).unwrap();
+    let mut pool = Pool::seed(&PoolSeed::from_parts("weights", Mode::ByWeight, &items)).unwrap();
     let mut rng = DrawRng::seed_from_u64(0x5eed_0001);
     let draws: u64 = 1_000_000;
     let mut observed = [0u64; 3];
@@ -104,7 +105,7 @@ fn by_quantity_matches_units_without_replacement() {
         ("silver", Some(quantities[1]), None),
         ("bronze", Some(quantities[2]), None),
     ]);
-    let mut pool = Pool::seed("units", Mode::ByQuantity, &items).unwrap();
+    let mut pool = Pool::seed(&PoolSeed::from_parts("units", Mode::ByQuantity, &items)).unwrap();
     let mut rng = DrawRng::seed_from_u64(0x5eed_0002);
     let units: u64 = quantities.iter().sum();
     let draws: u64 = 500_000;
@@ -135,7 +136,7 @@ fn by_quantity_matches_units_without_replacement() {
 /// (one RNG stream) -> 60 cells of ~1,667, df = 59.
 #[test]
 fn by_quantity_orders_are_uniform_while_stock_runs_down() {
-    let template = Pool::seed(
+    let template = Pool::seed(&PoolSeed::from_parts(
         "orders",
         Mode::ByQuantity,
         &named(&[
@@ -143,7 +144,7 @@ fn by_quantity_orders_are_uniform_while_stock_runs_down() {
             ("silver", Some(2), None),
             ("bronze", Some(3), None),
         ]),
-    )
+    ))
     .unwrap();
     let mut rng = DrawRng::seed_from_u64(0x5eed_0003);
     let pools: u64 = 100_000;
@@ -191,7 +192,7 @@ fn million_item_pool(mode: Mode) -> Pool {
             Mode::ByQuantity => (format!("item{i}"), Some(1), None),
         })
         .collect();
-    Pool::seed("million", mode, &items).unwrap()
+    Pool::seed(&PoolSeed::from_parts("million", mode, &items)).unwrap()
 }
 
 const BUCKETS: usize = 1000;

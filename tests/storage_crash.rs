@@ -2,7 +2,7 @@
 //! stream of requests and is killed with SIGKILL at chosen points — failpoints inside the WAL
 //! writer, rotation, snapshot, pruning and recovery, and at random moments. After every kill
 //! the next run recovers, and the invariants are checked against the full WAL (kept whole with
-//! `--keep-wal`):
+//! `--keep-all-wal`):
 //! - recovered state = config minus every draw in the WAL; initial = remaining + issued;
 //! - every request reported done (after its fsync) is in the WAL with the same items;
 //! - no message_id is drawn twice, no request ID is given to two requests, IDs never go back.
@@ -69,7 +69,7 @@ struct Run {
 
 fn drill(config: &std::path::Path, first: u64, requests: u64, kill: Kill) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rewardpool-drill"));
-    cmd.args(["--keep-wal", "--config"])
+    cmd.args(["--keep-all-wal", "--config"])
         .arg(config)
         .args([
             "--first",

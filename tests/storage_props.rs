@@ -65,8 +65,7 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
             let assigned = admission.assign_blocking(mid.as_deref()).unwrap();
             admission
                 .submit_blocking(
-                    assigned,
-                    Some(DrawSpec {
+                    assigned.with_draw(DrawSpec {
                         message_id: mid.clone(),
                         pool_index: *pool,
                         user: mid.unwrap_or_default(),
@@ -125,7 +124,7 @@ fn model(
     let mut out = BTreeMap::new();
     for p in &config.pools {
         for i in &p.items {
-            out.insert((p.id.clone(), i.id.clone()), i.quantity_u64());
+            out.insert((p.id.clone(), i.id.clone()), i.stock.quantity());
         }
     }
     for (s, pool, items) in drawn {

@@ -25,7 +25,7 @@ fn drill_bin() -> Command {
 /// Runs the drill to completion (clean stop) with every WAL segment kept.
 fn drill_ok(config: &Path, first: u64, requests: u64) {
     let out = drill_bin()
-        .args(["--keep-wal", "--quiet", "--config"])
+        .args(["--keep-all-wal", "--quiet", "--config"])
         .arg(config)
         .args([
             "--first",
@@ -371,7 +371,7 @@ fn a_disk_that_fills_mid_run_stops_the_engine_and_loses_nothing() {
     drill_ok(&config_path, 0, 10);
     fs_.fill_leaving(40 * 1024);
     let out = drill_bin()
-        .args(["--keep-wal", "--config"])
+        .args(["--keep-all-wal", "--config"])
         .arg(&config_path)
         .args(["--first", "10", "--requests", "20000"])
         .output()

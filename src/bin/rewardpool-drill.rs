@@ -17,7 +17,7 @@
 //! (`rewardpool::failpoint`) and this tool calls none of its own.
 
 use clap::Parser;
-use rewardpool::admission::{Admission, DrawSpec};
+use rewardpool::admission::{Admission, Assigned, DrawSpec};
 use rewardpool::config::Config;
 use rewardpool::engine::{Engine, EngineOptions};
 use rewardpool::recovery;
@@ -42,8 +42,8 @@ struct DrillArgs {
     #[arg(long, default_value_t = 1000)]
     requests: u64,
     /// Keep every WAL segment (no pruning), so tests can audit the full history.
-    #[arg(long)]
-    keep_wal: bool,
+    #[arg(long, alias = "keep-wal")]
+    keep_all_wal: bool,
     /// Print only the final count.
     #[arg(long)]
     quiet: bool,
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
                 &DrillOptions {
                     first: args.first,
                     requests: args.requests,
-                    keep_all_wal: args.keep_wal,
+                    keep_all_wal: args.keep_all_wal,
                     quiet: args.quiet,
                 },
             )
@@ -144,9 +144,13 @@ fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
         if !quiet {
             println!(
                 "assigned {} {} {}",
-                assigned.request_id,
+                assigned.request_id(),
                 message_id,
-                if assigned.repeat { "repeat" } else { "new" }
+                if matches!(assigned, Assigned::Repeat(_)) {
+                    "repeat"
+                } else {
+                    "new"
+                }
             );
         }
         let draw = DrawSpec {
@@ -156,7 +160,7 @@ fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
             count: 1 + (k % 3) as u32,
         };
         if admission
-            .submit_blocking(assigned, Some(draw), message_id)
+            .submit_blocking(assigned.with_draw(draw), message_id)
             .is_err()
         {
             break;

@@ -83,7 +83,7 @@ pub fn initial_quantities(config: &Config) -> BTreeMap<(u32, u32), u64> {
     let mut out = BTreeMap::new();
     for (p, pool) in config.pools.iter().enumerate() {
         for (i, item) in pool.items.iter().enumerate() {
-            if let Some(q) = item.quantity_u64() {
+            if let Some(q) = item.stock.quantity() {
                 out.insert((p as u32, i as u32), q);
             }
         }

@@ -56,7 +56,7 @@ use lapin::options::{
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use rewardpool::amqp::{self, AmqpError, Link, timed};
-use rewardpool::config::{AmqpConfig, Config, ItemConfig, Mode, PoolConfig, QueueType};
+use rewardpool::config::{AmqpConfig, Config, Mode, PoolSeed, QueueType};
 use rewardpool::message::{accepted_body, parse_request, result_body};
 use rewardpool::session::{reply_properties, result_properties};
 use rewardpool::state::Outcome;
@@ -270,23 +270,15 @@ async fn run_target(
             .ok()
             .and_then(|r| r.ok());
         config.storage.data_dir = dir;
-        config.pools = vec![PoolConfig {
-            id: BENCH_POOL.into(),
-            mode: Mode::ByWeight,
-            items: vec![
-                ItemConfig {
-                    id: "win".into(),
-                    quantity: None,
-                    weight: Some(1),
-                },
-                ItemConfig {
-                    id: "try_again".into(),
-                    quantity: None,
-                    weight: Some(9),
-                },
+        config.pools = vec![PoolSeed::from_parts(
+            BENCH_POOL,
+            Mode::ByWeight,
+            &[
+                ("win".into(), None, Some(1)),
+                ("try_again".into(), None, Some(9)),
             ],
-        }];
-        if let Err(e) = config.validate() {
+        )];
+        if let Err(e) = rewardpool::config::RawConfig::from(&config).validate() {
             cleanup_queues(&control, &cfg).await;
             close(&control, &cfg).await;
             remove_dir(&data_dir);
