@@ -224,3 +224,17 @@ async fn a_client_certificate_is_presented_when_configured() {
     );
     serves(&with, &proxy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_tls_file_stops_the_worker_naming_the_key() {
+    let missing = std::env::temp_dir().join("rewardpool-no-such-ca.pem");
+    let setup = setup("tls-missing", &[("tls_ca_file", missing.clone())]);
+    let mut worker = setup.start_worker(&[]);
+    let status = worker.wait_exit(Duration::from_secs(60)).await;
+    let log = worker.log();
+    assert!(!status.success(), "{status}\n{log}");
+    assert!(
+        log.contains("amqp.tls_ca_file") && log.contains(missing.to_str().unwrap()),
+        "{log}"
+    );
+}

@@ -13,8 +13,14 @@ fuzz_target!(|data: &[u8]| {
     let head = String::from_utf8_lossy(head);
     let mut p = RequestProps::default();
     for line in head.lines() {
-        let Some((k, v)) = line.split_once('=') else { continue };
-        let v = if v.len() > 255 { &v[..v.floor_char_boundary(255)] } else { v };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = if v.len() > 255 {
+            &v[..v.floor_char_boundary(255)]
+        } else {
+            v
+        };
         match k {
             "message_id" => p.message_id = Some(v),
             "correlation_id" => p.correlation_id = Some(v),
@@ -29,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
     if message::check_properties(&p, &own).is_err() {
         return;
     }
-    if let Ok(r) = message::parse_request(body, "default", |pool| pool == "default" || pool == "spin") {
+    if let Ok(r) =
+        message::parse_request(body, "default", |pool| pool == "default" || pool == "spin")
+    {
         assert!((1..=100).contains(&r.count));
         assert!(r.user.len() <= 256 && !r.user.chars().any(char::is_control));
         assert!(r.pool == "default" || r.pool == "spin");
