@@ -33,6 +33,7 @@ use crate::pool::DrawRng;
 use crate::record::Record;
 use crate::snapshot::{self, Image};
 use crate::state::{DrawInput, Outcome, State};
+use crate::storage::Storage;
 use crate::wal::{BatchBuilder, SegmentWriter};
 use rand::SeedableRng;
 use std::path::PathBuf;
@@ -52,6 +53,8 @@ pub struct EngineOptions {
     pub id_block_size: u64,
     pub rng_seed: Option<u64>,
     pub keep_all_wal: bool,
+    /// The file operations (`storage::real()`; the fault simulation passes its own).
+    pub storage: &'static dyn Storage,
 }
 
 impl EngineOptions {
@@ -68,6 +71,7 @@ impl EngineOptions {
             id_block_size: s.id_block_size,
             rng_seed: s.rng_seed,
             keep_all_wal,
+            storage: crate::storage::real(),
         }
     }
 }
@@ -210,6 +214,8 @@ pub struct EngineStats {
     pub fsync_us_total: AtomicU64,
     pub fsync_us_max: AtomicU64,
     pub snapshots: AtomicU64,
+    /// Images the engine copied for the snapshot thread (`snapshots` counts those written).
+    pub snapshot_images: AtomicU64,
     pub fsync_seconds: prometheus_client::metrics::histogram::Histogram,
     pub batch_records: prometheus_client::metrics::histogram::Histogram,
 }
@@ -223,6 +229,7 @@ impl Default for EngineStats {
             fsync_us_total: AtomicU64::new(0),
             fsync_us_max: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
+            snapshot_images: AtomicU64::new(0),
             fsync_seconds: crate::metrics::fsync_histogram(),
             batch_records: crate::metrics::batch_records_histogram(),
         }
@@ -284,10 +291,13 @@ impl<T: Send + 'static> Engine<T> {
             let stats = stats.clone();
             let snap_busy = snap_busy.clone();
             let options = options.clone();
+            let fatal = fatal.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("rp-engine".into())
-                    .spawn(move || engine_loop(state, rx, job_tx, ids, stats, snap_busy, options))
+                    .spawn(move || {
+                        engine_loop(state, rx, job_tx, ids, stats, snap_busy, fatal, options)
+                    })
                     .expect("spawn engine thread"),
             );
         }
@@ -389,6 +399,7 @@ impl<T> Engine<T> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn engine_loop<T>(
     mut state: State,
     mut rx: mpsc::Receiver<Command<T>>,
@@ -396,6 +407,7 @@ fn engine_loop<T>(
     ids: Arc<IdAllocator>,
     stats: Arc<EngineStats>,
     snap_busy: Arc<AtomicBool>,
+    fatal: Fatal,
     options: EngineOptions,
 ) {
     let mut rng = match options.rng_seed {
@@ -487,6 +499,11 @@ fn engine_loop<T>(
             }
         }
         if batch.is_empty() && completions.is_empty() {
+            // Nothing to send the writer, so no failed send tells us it stopped: a caller
+            // waking us for an ID (already reserved, never durable) would wait for ever.
+            if fatal.lock().expect("fatal lock").is_some() {
+                return;
+            }
             continue;
         }
         // Conservation, per batch and in release builds: O(pools), not per draw.
@@ -510,6 +527,7 @@ fn engine_loop<T>(
         {
             let started = Instant::now();
             image = Some(Image::capture(&state));
+            stats.snapshot_images.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 seq = state.seq,
                 stall_us = started.elapsed().as_micros() as u64,
@@ -579,7 +597,7 @@ impl<T> Writer<T> {
                 {
                     if segment.len_bytes() >= self.options.segment_bytes_max {
                         segment.sync().map_err(io_error("fsync WAL segment"))?;
-                        segment = SegmentWriter::create(&dir, *seq)
+                        segment = SegmentWriter::create_in(self.options.storage, &dir, *seq)
                             .map_err(io_error("create WAL segment"))?;
                     }
                     segment
@@ -591,7 +609,7 @@ impl<T> Writer<T> {
                     if snapshot.is_some() {
                         segment.sync().map_err(io_error("fsync WAL segment"))?;
                         failpoint("rotate.before_create");
-                        segment = SegmentWriter::create(&dir, seq + 1)
+                        segment = SegmentWriter::create_in(self.options.storage, &dir, seq + 1)
                             .map_err(io_error("create WAL segment"))?;
                         failpoint("rotate.after_create");
                         dirty = false;
@@ -665,26 +683,29 @@ fn snapshot_loop(
     while let Ok(image) = images.recv() {
         let started = Instant::now();
         let seq = image.seq;
-        snapshot::write(&options.data_dir, &image).map_err(|source| StorageError::Snapshot {
-            what: "write snapshot",
-            seq,
-            source,
-        })?;
-        failpoint("snapshot.before_prune");
-        snapshot::prune(&options.data_dir, options.keep_all_wal).map_err(|source| {
+        snapshot::write_in(options.storage, &options.data_dir, &image).map_err(|source| {
             StorageError::Snapshot {
-                what: "prune after snapshot",
+                what: "write snapshot",
                 seq,
                 source,
             }
         })?;
-        stats.snapshots.fetch_add(1, Ordering::Relaxed);
+        failpoint("snapshot.before_prune");
+        snapshot::prune_in(options.storage, &options.data_dir, options.keep_all_wal).map_err(
+            |source| StorageError::Snapshot {
+                what: "prune after snapshot",
+                seq,
+                source,
+            },
+        )?;
         tracing::info!(
             seq = image.seq,
             write_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
+        // Not busy before counted: whoever sees the count sees the thread ready for the next.
         busy.store(false, Ordering::Release);
+        stats.snapshots.fetch_add(1, Ordering::Release);
     }
     Ok(())
 }

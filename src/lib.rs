@@ -12,6 +12,8 @@
 //! - [`wal`]: segment files, batches (one per group commit), scanning.
 //! - [`dedupe`]: the bounded idempotency window keyed by `message_id`.
 //! - [`state`]: pools + window + request-ID marks; draw (live) and apply (replay).
+//! - [`storage`]: the file operations under WAL, snapshots and recovery (a seam for the
+//!   fault simulation, [`sim_fs`], test builds only).
 //! - [`snapshot`]: atomic JSON snapshots, newest two kept, pruning of the WAL.
 //! - [`recovery`]: snapshot + WAL → state; torn tails, corruption, seeding, rotation.
 //! - [`ids`]: request IDs from an atomic counter backed by WAL reservations.
@@ -59,8 +61,11 @@ pub mod seed;
 pub mod session;
 pub mod settle;
 pub mod shutdown;
+#[cfg(any(test, feature = "failpoints"))]
+pub mod sim_fs;
 pub mod snapshot;
 pub mod state;
+pub mod storage;
 pub mod top;
 pub mod wal;
 pub mod worker;

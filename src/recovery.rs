@@ -19,8 +19,8 @@ use crate::record::Record;
 use crate::seed::PoolSeed;
 use crate::snapshot::{self, Image};
 use crate::state::State;
-use crate::wal::{self, BatchBuilder, ScanEnd, SegmentWriter, sync_dir};
-use std::fs;
+use crate::storage::{self, Storage};
+use crate::wal::{self, BatchBuilder, ScanEnd, SegmentWriter};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -93,10 +93,19 @@ pub struct LoadReport {
 
 /// Read-only recovery of the durable state. Changes no file.
 pub fn load(dir: &Path, dedupe_window: usize) -> Result<(State, LoadReport), RecoveryError> {
+    load_in(storage::real(), dir, dedupe_window)
+}
+
+/// `load` through `fs`.
+pub fn load_in(
+    fs: &dyn Storage,
+    dir: &Path,
+    dedupe_window: usize,
+) -> Result<(State, LoadReport), RecoveryError> {
     let mut report = LoadReport::default();
     let mut state = None;
-    for (seq, path) in snapshot::list(dir).map_err(|e| io_error("list", dir, e))? {
-        match snapshot::load(&path, dedupe_window) {
+    for (seq, path) in snapshot::list_in(fs, dir).map_err(|e| io_error("list", dir, e))? {
+        match snapshot::load_in(fs, &path, dedupe_window) {
             Ok(s) => {
                 report.snapshot = Some((seq, path));
                 state = Some(s);
@@ -110,10 +119,12 @@ pub fn load(dir: &Path, dedupe_window: usize) -> Result<(State, LoadReport), Rec
     }
     let mut state = state.unwrap_or_else(|| State::new(dedupe_window));
     let base_seq = state.seq;
-    let segments = wal::list_segments(dir).map_err(|e| io_error("list", dir, e))?;
+    let segments = wal::list_segments_in(fs, dir).map_err(|e| io_error("list", dir, e))?;
     for (i, segment) in segments.iter().enumerate() {
         let file = segment.path.display().to_string();
-        let bytes = fs::read(&segment.path).map_err(|e| io_error("read", &segment.path, e))?;
+        let bytes = fs
+            .read(&segment.path)
+            .map_err(|e| io_error("read", &segment.path, e))?;
         let end = wal::scan(&bytes, |batch| {
             if batch.seq <= base_seq {
                 return Ok(());
@@ -154,8 +165,9 @@ pub fn load(dir: &Path, dedupe_window: usize) -> Result<(State, LoadReport), Rec
                 });
             }
             for later in &segments[i + 1..] {
-                let later_bytes =
-                    fs::read(&later.path).map_err(|e| io_error("read", &later.path, e))?;
+                let later_bytes = fs
+                    .read(&later.path)
+                    .map_err(|e| io_error("read", &later.path, e))?;
                 let valid_at_start = wal::parse_batch(&later_bytes, 0).is_ok();
                 if valid_at_start || wal::find_valid_batch_after(&later_bytes, 0).is_some() {
                     return Err(RecoveryError::Corrupt {
@@ -255,36 +267,42 @@ pub struct Recovered {
 
 /// Full recovery for `run`: lock, load, repair, seed, snapshot, rotate, prune.
 pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, RecoveryError> {
+    recover_in(storage::real(), config, keep_all_wal)
+}
+
+/// `recover` through `fs` (the directory lock is always a real file).
+pub fn recover_in(
+    fs: &dyn Storage,
+    config: &Config,
+    keep_all_wal: bool,
+) -> Result<Recovered, RecoveryError> {
     let dir = config.storage.data_dir.as_path();
-    fs::create_dir_all(dir).map_err(|e| io_error("create data directory", dir, e))?;
+    fs.create_dir_all(dir)
+        .map_err(|e| io_error("create data directory", dir, e))?;
     let lock = DirLock::acquire(dir).map_err(|e| match e {
         LockError::Io { path, error } if is_disk_full(&error) => RecoveryError::DiskFull { path },
         e => RecoveryError::Lock(e),
     })?;
-    remove_temp_files(dir)?;
-    let (mut state, report) = load(dir, config.storage.dedupe_window)?;
+    remove_temp_files(fs, dir)?;
+    let (mut state, report) = load_in(fs, dir, config.storage.dedupe_window)?;
     for (path, reason) in &report.bad_snapshots {
         let aside = path.with_extension("json.corrupt");
         tracing::warn!(file = %path.display(), %reason, moved_to = %aside.display(), "corrupt snapshot moved aside");
-        fs::rename(path, &aside).map_err(|e| io_error("move aside", path, e))?;
+        fs.rename(path, &aside)
+            .map_err(|e| io_error("move aside", path, e))?;
     }
     if let Some((path, offset, dropped, reason)) = &report.torn_tail {
         tracing::warn!(
             file = %path.display(), offset, dropped_bytes = dropped, %reason,
             "torn WAL tail: truncating the last, incomplete group commit"
         );
-        let f = fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(|e| io_error("open", path, e))?;
-        f.set_len(*offset)
+        fs.truncate(path, *offset)
             .map_err(|e| io_error("truncate", path, e))?;
-        f.sync_all().map_err(|e| io_error("fsync", path, e))?;
         for empty in &report.empty_after_tail {
             tracing::warn!(file = %empty.display(), "removing WAL segment after the torn tail: it holds no valid batch");
-            fs::remove_file(empty).map_err(|e| io_error("remove", empty, e))?;
+            fs.remove(empty).map_err(|e| io_error("remove", empty, e))?;
         }
-        sync_dir(dir).map_err(|e| io_error("fsync", dir, e))?;
+        fs.sync_dir(dir).map_err(|e| io_error("fsync", dir, e))?;
         failpoint("recovery.after_truncate");
     }
     tracing::info!(
@@ -311,7 +329,7 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
     if !seeds.is_empty() {
         let seq = state.seq + 1;
         let mut segment =
-            SegmentWriter::create(dir, seq).map_err(|e| io_error("create", dir, e))?;
+            SegmentWriter::create_in(fs, dir, seq).map_err(|e| io_error("create", dir, e))?;
         let mut batch = BatchBuilder::new();
         for r in &seeds {
             batch.push_record(r);
@@ -326,13 +344,13 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
         state.seq = seq;
         failpoint("recovery.after_seed");
     }
-    snapshot::write(dir, &Image::capture(&state))
+    snapshot::write_in(fs, dir, &Image::capture(&state))
         .map_err(|e| io_error("write snapshot in", dir, e))?;
     failpoint("recovery.after_snapshot");
     let segment =
-        SegmentWriter::create(dir, state.seq + 1).map_err(|e| io_error("create", dir, e))?;
+        SegmentWriter::create_in(fs, dir, state.seq + 1).map_err(|e| io_error("create", dir, e))?;
     failpoint("recovery.after_rotate");
-    snapshot::prune(dir, keep_all_wal).map_err(|e| io_error("prune", dir, e))?;
+    snapshot::prune_in(fs, dir, keep_all_wal).map_err(|e| io_error("prune", dir, e))?;
     Ok(Recovered {
         lock,
         state,
@@ -341,11 +359,10 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
     })
 }
 
-fn remove_temp_files(dir: &Path) -> Result<(), RecoveryError> {
-    for entry in fs::read_dir(dir).map_err(|e| io_error("list", dir, e))? {
-        let entry = entry.map_err(|e| io_error("list", dir, e))?;
-        if entry.file_name().to_string_lossy().ends_with(".tmp") {
-            fs::remove_file(entry.path()).map_err(|e| io_error("remove", &entry.path(), e))?;
+fn remove_temp_files(fs: &dyn Storage, dir: &Path) -> Result<(), RecoveryError> {
+    for (name, path) in fs.list(dir).map_err(|e| io_error("list", dir, e))? {
+        if name.ends_with(".tmp") {
+            fs.remove(&path).map_err(|e| io_error("remove", &path, e))?;
         }
     }
     Ok(())

@@ -17,10 +17,10 @@ use crate::dedupe::{MessageKey, key_from_hex, key_to_hex};
 use crate::failpoint::failpoint;
 use crate::pool::{Item, Mode, Pool};
 use crate::state::{Outcome, State};
-use crate::wal::{self, sync_dir};
+use crate::storage::{self, Storage};
+use crate::wal;
 use serde::{Deserialize, Serialize};
-use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -155,7 +155,12 @@ pub fn file_name(seq: u64) -> String {
 
 /// Snapshots in the directory, newest first.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut out = wal::numbered_files(dir, "snapshot-", ".json")?;
+    list_in(storage::real(), dir)
+}
+
+/// `list` through `fs`.
+pub fn list_in(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = wal::numbered_files_in(fs, dir, "snapshot-", ".json")?;
     out.sort_by_key(|s| std::cmp::Reverse(s.0));
     Ok(out)
 }
@@ -217,25 +222,35 @@ pub fn encode(image: &Image) -> Vec<u8> {
 
 /// Writes the snapshot atomically and durably; returns its path.
 pub fn write(dir: &Path, image: &Image) -> io::Result<PathBuf> {
+    write_in(storage::real(), dir, image)
+}
+
+/// `write` through `fs`.
+pub fn write_in(fs: &dyn Storage, dir: &Path, image: &Image) -> io::Result<PathBuf> {
     let bytes = encode(image);
     let path = dir.join(file_name(image.seq));
     let tmp = dir.join(format!("{}.tmp", file_name(image.seq)));
     {
-        let mut f = fs::File::create(&tmp)?;
+        let mut f = fs.create(&tmp)?;
         f.write_all(&bytes)?;
         failpoint("snapshot.after_tmp_write");
         f.sync_all()?;
     }
-    fs::rename(&tmp, &path)?;
+    fs.rename(&tmp, &path)?;
     failpoint("snapshot.after_rename");
-    sync_dir(dir)?;
+    fs.sync_dir(dir)?;
     failpoint("snapshot.after_dir_sync");
     Ok(path)
 }
 
 /// Parses and checks a snapshot file into a `State`.
 pub fn load(path: &Path, dedupe_window: usize) -> Result<State, String> {
-    let bytes = fs::read(path).map_err(|e| format!("read: {e}"))?;
+    load_in(storage::real(), path, dedupe_window)
+}
+
+/// `load` through `fs`.
+pub fn load_in(fs: &dyn Storage, path: &Path, dedupe_window: usize) -> Result<State, String> {
+    let bytes = fs.read(path).map_err(|e| format!("read: {e}"))?;
     decode(&bytes, dedupe_window)
 }
 
@@ -326,26 +341,31 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
 /// all lie at or below the oldest kept snapshot. Oldest files go first, so a crash midway
 /// leaves a WAL without holes.
 pub fn prune(dir: &Path, keep_all_wal: bool) -> io::Result<()> {
-    let snapshots = list(dir)?;
+    prune_in(storage::real(), dir, keep_all_wal)
+}
+
+/// `prune` through `fs`.
+pub fn prune_in(fs: &dyn Storage, dir: &Path, keep_all_wal: bool) -> io::Result<()> {
+    let snapshots = list_in(fs, dir)?;
     if snapshots.len() < SNAPSHOTS_KEPT {
         return Ok(());
     }
     let oldest_kept = snapshots[SNAPSHOTS_KEPT - 1].0;
     for (_, path) in snapshots.iter().skip(SNAPSHOTS_KEPT).rev() {
-        fs::remove_file(path)?;
+        fs.remove(path)?;
         failpoint("snapshot.mid_prune");
     }
     if !keep_all_wal {
-        let segments = wal::list_segments(dir)?;
+        let segments = wal::list_segments_in(fs, dir)?;
         for pair in segments.windows(2) {
             // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
             if pair[1].first_seq - 1 <= oldest_kept {
-                fs::remove_file(&pair[0].path)?;
+                fs.remove(&pair[0].path)?;
                 failpoint("snapshot.mid_prune");
             } else {
                 break;
             }
         }
     }
-    sync_dir(dir)
+    fs.sync_dir(dir)
 }

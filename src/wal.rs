@@ -15,8 +15,8 @@
 //! torn write but lost data in the middle, and `scan` reports it so recovery can refuse.
 
 use crate::record::{self, Record};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use crate::storage::{self, Storage, StorageFile};
+use std::io;
 use std::path::{Path, PathBuf};
 
 pub const BATCH_MAGIC: u32 = 0x3142_5052; // "RPB1" little-endian
@@ -246,22 +246,29 @@ pub fn segment_file_name(first_seq: u64) -> String {
 /// Files named `<prefix><number><suffix>` in `dir`, with their number, in no particular
 /// order. A missing directory has none.
 pub fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<(u64, PathBuf)>> {
+    numbered_files_in(storage::real(), dir, prefix, suffix)
+}
+
+/// `numbered_files` through `fs`.
+pub fn numbered_files_in(
+    fs: &dyn Storage,
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
-    let entries = match fs::read_dir(dir) {
+    let entries = match fs.list(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
     };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
+    for (name, path) in entries {
         if let Some(seq) = name
             .strip_prefix(prefix)
             .and_then(|s| s.strip_suffix(suffix))
             .and_then(|s| s.parse::<u64>().ok())
         {
-            out.push((seq, entry.path()));
+            out.push((seq, path));
         }
     }
     Ok(out)
@@ -269,7 +276,12 @@ pub fn numbered_files(dir: &Path, prefix: &str, suffix: &str) -> io::Result<Vec<
 
 /// Segments in the directory, oldest first. A missing directory has none.
 pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
-    let mut out: Vec<SegmentInfo> = numbered_files(dir, "wal-", ".log")?
+    list_segments_in(storage::real(), dir)
+}
+
+/// `list_segments` through `fs`.
+pub fn list_segments_in(fs: &dyn Storage, dir: &Path) -> io::Result<Vec<SegmentInfo>> {
+    let mut out: Vec<SegmentInfo> = numbered_files_in(fs, dir, "wal-", ".log")?
         .into_iter()
         .map(|(first_seq, path)| SegmentInfo { path, first_seq })
         .collect();
@@ -279,7 +291,7 @@ pub fn list_segments(dir: &Path) -> io::Result<Vec<SegmentInfo>> {
 
 /// The segment being appended to. Only the engine's writer thread holds one.
 pub struct SegmentWriter {
-    file: File,
+    file: Box<dyn StorageFile>,
     path: PathBuf,
     len_bytes: u64,
 }
@@ -288,14 +300,15 @@ impl SegmentWriter {
     /// Creates a new, empty segment whose first batch will be `first_seq`, and makes its
     /// directory entry durable.
     pub fn create(dir: &Path, first_seq: u64) -> io::Result<SegmentWriter> {
+        Self::create_in(storage::real(), dir, first_seq)
+    }
+
+    /// `create` through `fs`.
+    pub fn create_in(fs: &dyn Storage, dir: &Path, first_seq: u64) -> io::Result<SegmentWriter> {
         let path = dir.join(segment_file_name(first_seq));
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .open(&path)?;
+        let mut file = fs.create(&path)?;
         file.sync_all()?;
-        sync_dir(dir)?;
+        fs.sync_dir(dir)?;
         Ok(SegmentWriter {
             file,
             path,
@@ -326,7 +339,7 @@ impl SegmentWriter {
 
 /// fsync a directory so that creates, renames and deletes in it are durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    storage::real().sync_dir(dir)
 }
 
 #[cfg(test)]
