@@ -296,6 +296,20 @@ pub fn recover_in(
             file = %path.display(), offset, dropped_bytes = dropped, %reason,
             "torn WAL tail: truncating the last, incomplete group commit"
         );
+        // Truncating destroys bytes: only on damage a second read shows again (a byte
+        // corrupted on one read must not cost a durable batch). Found by tests/storage_sim.rs.
+        let again = fs.read(path).map_err(|e| io_error("read", path, e))?;
+        let same = matches!(
+            wal::scan::<()>(&again, |_| Ok(())),
+            Ok(ScanEnd::Damaged { offset: o, .. }) if o == *offset
+        ) && again.len() as u64 == offset + dropped;
+        if !same {
+            return Err(RecoveryError::Io {
+                what: "re-read before truncating",
+                path: path.display().to_string(),
+                error: io::Error::other("two reads of the segment disagree; nothing truncated"),
+            });
+        }
         fs.truncate(path, *offset)
             .map_err(|e| io_error("truncate", path, e))?;
         for empty in &report.empty_after_tail {

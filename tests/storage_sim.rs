@@ -199,7 +199,13 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
             }
         };
         failed_in_a_row = 0;
-        check_recovered(&recovered.state, &mut model)?;
+        check_recovered(&recovered.state, &mut model).map_err(|e| {
+            let r = &recovered.report;
+            format!(
+                "{e} (recovery: snapshot {:?}, bad snapshots {:?}, torn tail {:?}, faults so far {:?})",
+                r.snapshot, r.bad_snapshots, r.torn_tail, fs.report().injected
+            )
+        })?;
         if final_round {
             break;
         }
