@@ -34,7 +34,8 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{
     AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
     DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
-    SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX, SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
+    SEED_EPOCH_RECORDS_MAX, SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX,
+    SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
 pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
 use crate::seed::{RuleError, shorten as shorten_plain};
@@ -273,6 +274,9 @@ pub struct StorageConfig {
     pub segment_bytes_max: u64,
     #[serde(deserialize_with = "strict_int::int")]
     pub id_block_size: u64,
+    /// Draws per epoch: a new draw secret from the OS after this many (src/epoch.rs).
+    #[serde(deserialize_with = "strict_int::int")]
+    pub seed_epoch_records: u64,
     /// Fixed RNG seed, for tests only. Absent: seeded from the OS.
     #[serde(
         deserialize_with = "strict_int::opt",
@@ -291,6 +295,7 @@ impl Default for StorageConfig {
             snapshot_every_records: 1_000_000,
             segment_bytes_max: 67_108_864,
             id_block_size: 65_536,
+            seed_epoch_records: 1_000_000,
             rng_seed: None,
         }
     }
@@ -1265,6 +1270,11 @@ fn validate_storage(ctx: &Ctx<'_>, storage: &StorageConfig) -> Result<(), Config
             "storage.id_block_size",
             storage.id_block_size,
             ID_BLOCK_SIZE_MAX,
+        ),
+        (
+            "storage.seed_epoch_records",
+            storage.seed_epoch_records,
+            SEED_EPOCH_RECORDS_MAX,
         ),
     ];
     for (key, value, max) in checks {
@@ -2576,6 +2586,7 @@ weight = 0
             ),
             ("segment_bytes_max = 0", &["`storage.segment_bytes_max`"]),
             ("id_block_size = 0", &["`storage.id_block_size`"]),
+            ("seed_epoch_records = 0", &["`storage.seed_epoch_records`"]),
             (
                 "data_dir = \"\"",
                 &["`storage.data_dir`", "must not be empty"],

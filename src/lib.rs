@@ -42,6 +42,7 @@ pub mod amqp;
 pub mod config;
 pub mod dedupe;
 pub mod engine;
+pub mod epoch;
 pub mod failpoint;
 pub mod fenwick;
 pub mod ids;

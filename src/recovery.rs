@@ -257,6 +257,7 @@ pub struct Recovered {
 pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, RecoveryError> {
     let dir = config.storage.data_dir.as_path();
     fs::create_dir_all(dir).map_err(|e| io_error("create data directory", dir, e))?;
+    owner_only(dir)?;
     let lock = DirLock::acquire(dir).map_err(|e| match e {
         LockError::Io { path, error } if is_disk_full(&error) => RecoveryError::DiskFull { path },
         e => RecoveryError::Lock(e),
@@ -339,6 +340,24 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
         segment,
         report,
     })
+}
+
+/// The data directory and its files are the owner's alone (0700, 0600): the WAL and the
+/// snapshots hold draw epoch secrets. Files written before this rule get it here.
+fn owner_only(dir: &Path) -> Result<(), RecoveryError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| io_error("restrict permissions of", dir, e))?;
+    for entry in fs::read_dir(dir).map_err(|e| io_error("list", dir, e))? {
+        let entry = entry.map_err(|e| io_error("list", dir, e))?;
+        let path = entry.path();
+        let meta = entry.metadata().map_err(|e| io_error("stat", &path, e))?;
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(|e| io_error("restrict permissions of", &path, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn remove_temp_files(dir: &Path) -> Result<(), RecoveryError> {

@@ -14,6 +14,7 @@
 //! engine thread; serialising and writing happen on the snapshot thread.
 
 use crate::dedupe::{MessageKey, key_from_hex, key_to_hex};
+use crate::epoch::{EpochState, from_hex32, to_hex};
 use crate::failpoint::failpoint;
 use crate::pool::{Item, Mode, Pool};
 use crate::state::{Outcome, State};
@@ -21,6 +22,7 @@ use crate::wal::{self, sync_dir};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,6 +39,8 @@ pub struct Image {
     pub last_drawn_id: u64,
     pools: Vec<PoolImage>,
     window: Vec<(MessageKey, Arc<Outcome>)>,
+    /// The current draw epoch, so `audit` can start from this snapshot (src/epoch.rs).
+    epoch: Option<EpochState>,
 }
 
 struct PoolImage {
@@ -71,6 +75,7 @@ impl Image {
                 })
                 .collect(),
             window: state.window.iter().map(|(k, v)| (k, v.clone())).collect(),
+            epoch: state.epoch.clone(),
         }
     }
 }
@@ -91,6 +96,18 @@ struct BodyOut<'a> {
     last_drawn_id: u64,
     pools: Vec<PoolOut<'a>>,
     window: Vec<EntryOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<EpochJson>,
+}
+
+/// The current epoch in a snapshot; absent in snapshots written before epochs existed.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochJson {
+    number: u64,
+    secret: String,
+    commitment: String,
+    draws: u64,
 }
 
 #[derive(Serialize)]
@@ -128,6 +145,8 @@ struct BodyIn {
     last_drawn_id: u64,
     pools: Vec<PoolIn>,
     window: Vec<EntryIn>,
+    #[serde(default)]
+    epoch: Option<EpochJson>,
 }
 
 #[derive(Deserialize)]
@@ -199,6 +218,12 @@ pub fn encode(image: &Image) -> Vec<u8> {
                 items: o.items.iter().map(|s| &**s).collect(),
             })
             .collect(),
+        epoch: image.epoch.as_ref().map(|e| EpochJson {
+            number: e.number,
+            secret: to_hex(&e.secret),
+            commitment: to_hex(&e.commitment),
+            draws: e.draws,
+        }),
     };
     let body = serde_json::to_vec(&body).expect("snapshot body serialises");
     let header = Header {
@@ -221,7 +246,13 @@ pub fn write(dir: &Path, image: &Image) -> io::Result<PathBuf> {
     let path = dir.join(file_name(image.seq));
     let tmp = dir.join(format!("{}.tmp", file_name(image.seq)));
     {
-        let mut f = fs::File::create(&tmp)?;
+        // Owner only: a snapshot holds the current epoch's secret.
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         failpoint("snapshot.after_tmp_write");
         f.sync_all()?;
@@ -279,6 +310,20 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
     state.seq = body.seq;
     state.reserved_ids = body.reserved_ids;
     state.last_drawn_id = body.last_drawn_id;
+    if let Some(e) = body.epoch {
+        let (Some(secret), Some(commitment)) = (from_hex32(&e.secret), from_hex32(&e.commitment))
+        else {
+            return Err("epoch secret or commitment is not 64 hex digits".into());
+        };
+        let epoch = EpochState::new(e.number, secret, commitment, e.draws);
+        if !epoch.commitment_holds() {
+            return Err(format!(
+                "epoch {}: commitment is not sha256(secret)",
+                e.number
+            ));
+        }
+        state.epoch = Some(epoch);
+    }
     for p in body.pools {
         let pool = Pool::from_items(&p.id, p.mode, p.items).map_err(|e| e.to_string())?;
         state.add_pool(pool).map_err(|e| e.to_string())?;

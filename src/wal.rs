@@ -17,6 +17,7 @@
 use crate::record::{self, Record};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub const BATCH_MAGIC: u32 = 0x3142_5052; // "RPB1" little-endian
@@ -289,10 +290,12 @@ impl SegmentWriter {
     /// directory entry durable.
     pub fn create(dir: &Path, first_seq: u64) -> io::Result<SegmentWriter> {
         let path = dir.join(segment_file_name(first_seq));
+        // Owner only: segments hold the epoch secrets (src/epoch.rs).
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
+            .mode(0o600)
             .open(&path)?;
         file.sync_all()?;
         sync_dir(dir)?;
