@@ -39,6 +39,7 @@
 pub mod acks;
 pub mod admission;
 pub mod amqp;
+pub mod audit;
 pub mod config;
 pub mod dedupe;
 pub mod engine;
