@@ -277,6 +277,10 @@ pub struct StorageConfig {
     /// Draws per epoch: a new draw secret from the OS after this many (src/epoch.rs).
     #[serde(deserialize_with = "strict_int::int")]
     pub seed_epoch_records: u64,
+    /// WAL bytes kept after snapshots make them unnecessary for recovery, for `audit`
+    /// (0 = none, as before).
+    #[serde(deserialize_with = "strict_int::int")]
+    pub wal_retain_bytes: u64,
     /// Fixed RNG seed, for tests only. Absent: seeded from the OS.
     #[serde(
         deserialize_with = "strict_int::opt",
@@ -296,6 +300,7 @@ impl Default for StorageConfig {
             segment_bytes_max: 67_108_864,
             id_block_size: 65_536,
             seed_epoch_records: 1_000_000,
+            wal_retain_bytes: 0,
             rng_seed: None,
         }
     }

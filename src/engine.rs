@@ -52,6 +52,8 @@ pub struct EngineOptions {
     pub rng_seed: Option<u64>,
     /// Draws per epoch: a new secret after this many (src/epoch.rs).
     pub seed_epoch_records: u64,
+    /// WAL bytes kept for `audit` after snapshots make them unnecessary for recovery.
+    pub wal_retain_bytes: u64,
     pub keep_all_wal: bool,
 }
 
@@ -69,6 +71,7 @@ impl EngineOptions {
             id_block_size: s.id_block_size,
             rng_seed: s.rng_seed,
             seed_epoch_records: s.seed_epoch_records,
+            wal_retain_bytes: s.wal_retain_bytes,
             keep_all_wal,
         }
     }
@@ -705,12 +708,15 @@ fn snapshot_loop(
             source,
         })?;
         failpoint("snapshot.before_prune");
-        snapshot::prune(&options.data_dir, options.keep_all_wal).map_err(|source| {
-            StorageError::Snapshot {
-                what: "prune after snapshot",
-                seq,
-                source,
-            }
+        snapshot::prune(
+            &options.data_dir,
+            options.keep_all_wal,
+            options.wal_retain_bytes,
+        )
+        .map_err(|source| StorageError::Snapshot {
+            what: "prune after snapshot",
+            seq,
+            source,
         })?;
         stats.snapshots.fetch_add(1, Ordering::Relaxed);
         tracing::info!(

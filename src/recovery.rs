@@ -333,7 +333,8 @@ pub fn recover(config: &Config, keep_all_wal: bool) -> Result<Recovered, Recover
     let segment =
         SegmentWriter::create(dir, state.seq + 1).map_err(|e| io_error("create", dir, e))?;
     failpoint("recovery.after_rotate");
-    snapshot::prune(dir, keep_all_wal).map_err(|e| io_error("prune", dir, e))?;
+    snapshot::prune(dir, keep_all_wal, config.storage.wal_retain_bytes)
+        .map_err(|e| io_error("prune", dir, e))?;
     Ok(Recovered {
         lock,
         state,

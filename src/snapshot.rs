@@ -367,10 +367,12 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
     Ok(state)
 }
 
-/// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then every WAL segment whose batches
-/// all lie at or below the oldest kept snapshot. Oldest files go first, so a crash midway
-/// leaves a WAL without holes.
-pub fn prune(dir: &Path, keep_all_wal: bool) -> io::Result<()> {
+/// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then the WAL segments whose batches
+/// all lie at or below the oldest kept snapshot (recovery no longer needs them), oldest first,
+/// except the newest of them up to `retain_bytes` in total (`storage.wal_retain_bytes`: history
+/// kept for `rewardpool audit`; 0 = none). Oldest files go first, so a crash midway leaves a
+/// WAL without holes.
+pub fn prune(dir: &Path, keep_all_wal: bool, retain_bytes: u64) -> io::Result<()> {
     let snapshots = list(dir)?;
     if snapshots.len() < SNAPSHOTS_KEPT {
         return Ok(());
@@ -382,14 +384,24 @@ pub fn prune(dir: &Path, keep_all_wal: bool) -> io::Result<()> {
     }
     if !keep_all_wal {
         let segments = wal::list_segments(dir)?;
-        for pair in segments.windows(2) {
-            // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
-            if pair[1].first_seq - 1 <= oldest_kept {
-                fs::remove_file(&pair[0].path)?;
-                failpoint("snapshot.mid_prune");
-            } else {
+        // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
+        let unneeded: Vec<&wal::SegmentInfo> = segments
+            .windows(2)
+            .take_while(|pair| pair[1].first_seq - 1 <= oldest_kept)
+            .map(|pair| &pair[0])
+            .collect();
+        let mut sizes = Vec::with_capacity(unneeded.len());
+        for segment in &unneeded {
+            sizes.push(fs::metadata(&segment.path)?.len());
+        }
+        let mut retained: u64 = sizes.iter().sum();
+        for (segment, size) in unneeded.iter().zip(sizes) {
+            if retained <= retain_bytes {
                 break;
             }
+            fs::remove_file(&segment.path)?;
+            retained -= size;
+            failpoint("snapshot.mid_prune");
         }
     }
     sync_dir(dir)

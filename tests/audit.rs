@@ -322,7 +322,7 @@ fn a_removed_epoch_record_is_reported_with_its_location() {
 }
 
 #[test]
-fn audit_of_a_pruned_directory_starts_at_the_oldest_snapshot() {
+fn audit_of_a_pruned_directory_starts_at_the_oldest_snapshot_and_wal_retain_bytes_keeps_history() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let config = write_config(tmp.path(), &data, "seed_epoch_records = 70");
@@ -340,6 +340,31 @@ fn audit_of_a_pruned_directory_starts_at_the_oldest_snapshot() {
     assert!(out.status.success(), "{summary}");
     assert!(u(&summary, "from_snapshot_seq") > 0, "{summary}");
     assert!(u(&summary, "first_request_id") > 1, "{summary}");
+
+    // storage.wal_retain_bytes keeps the history snapshots made unnecessary: all of it here.
+    let kept = tmp.path().join("kept");
+    fs::create_dir_all(&kept).unwrap();
+    let kept_data = kept.join("data");
+    let kept_config = write_config(
+        &kept,
+        &kept_data,
+        "seed_epoch_records = 70\nwal_retain_bytes = 100000000",
+    );
+    for first in [0, 300, 600] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rewardpool-drill"))
+            .env("RUST_LOG", "warn")
+            .args(["--quiet", "--config"])
+            .arg(&kept_config)
+            .args(["--first", &first.to_string(), "--requests", "300"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let (out, kept_summary) = audit(&kept_config, None, None);
+    assert!(out.status.success(), "{kept_summary}");
+    assert_eq!(u(&kept_summary, "from_snapshot_seq"), 0, "{kept_summary}");
+    assert_eq!(u(&kept_summary, "first_request_id"), 1, "{kept_summary}");
+    assert_eq!(u(&kept_summary, "verified_draws"), 900);
     // An empty directory audits to nothing, and is not created.
     let empty = tmp.path().join("nothing");
     let (out, summary) = audit(&config, Some(&empty), None);
