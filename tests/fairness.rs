@@ -280,22 +280,18 @@ fn per_request_streams_are_uniform_across_epochs_and_uncorrelated() {
             }
             previous = Some(item);
         }
-        let expected = vec![requests_per_epoch as f64 / 10.0; 10];
+        let expected = [requests_per_epoch as f64 / 10.0; 10];
         assert_fits(&format!("epoch {epoch}"), chi_square(&counts, &expected), 9);
         for (t, c) in total.iter_mut().zip(&counts) {
             *t += c;
         }
     }
     let n: u64 = total.iter().sum();
-    assert_fits(
-        "all epochs",
-        chi_square(&total, &vec![n as f64 / 10.0; 10]),
-        9,
-    );
+    assert_fits("all epochs", chi_square(&total, &[n as f64 / 10.0; 10]), 9);
     let n_pairs: u64 = pairs.iter().sum();
     assert_fits(
         "consecutive pairs",
-        chi_square(&pairs, &vec![n_pairs as f64 / 100.0; 100]),
+        chi_square(&pairs, &[n_pairs as f64 / 100.0; 100]),
         99,
     );
 }
