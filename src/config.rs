@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
+    AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX, ID_BYTES_MAX,
     DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
     SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX, SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
@@ -1145,12 +1145,16 @@ fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
         if let Some(reason) = amqp_name_problem(&amqp.exchange, "exchange name") {
             return Err(invalid(at("amqp.exchange"), reason));
         }
-        // The worker also declares `<exchange>.unrouted`.
-        if amqp.exchange.len() + ".unrouted".len() > AMQP_NAME_BYTES_MAX {
+        // The worker also declares `<exchange>.unrouted`, `<exchange>.ae` and, per pool, the
+        // lock queue `<exchange>.pool.<pool id>.lock` (pool ids up to ID_BYTES_MAX).
+        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len()
+            > AMQP_NAME_BYTES_MAX
+        {
             return Err(invalid(
                 at("amqp.exchange"),
                 format!(
-                    "exchange name is too long for \"<exchange>.unrouted\" (at most {AMQP_NAME_BYTES_MAX} bytes)"
+                    "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {} bytes)",
+                    AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len()
                 ),
             ));
         }

@@ -58,6 +58,7 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
 async fn open_session(
     cfg: &Arc<AmqpConfig>,
     epoch: u64,
+    pool_ids: &[String],
 ) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
     // Listened to from the start: a connection.blocked can come at any time.
@@ -71,10 +72,17 @@ async fn open_session(
         cfg.operation_timeout_ms,
     )
     .await?;
+    // With amqp.exchange: the routing topology, then each served pool's lock and binding, on
+    // every session, before consuming (the broker freed the locks with the old connection).
+    amqp::declare_routing(&link.consume, cfg).await?;
+    for pool in pool_ids {
+        amqp::own_pool(&link.lock, &link.consume, cfg, pool).await?;
+    }
     let session = Arc::new(Session::new(
         epoch,
         link.consume.clone(),
         link.publish.clone(),
+        link.lock.clone(),
         cfg.clone(),
     ));
     tokio::spawn(watch_events(Arc::downgrade(&session), events));
@@ -238,7 +246,7 @@ async fn run_inner(
             break;
         }
         epoch += 1;
-        let (link, session, consumer) = match open_session(&cfg, epoch).await {
+        let (link, session, consumer) = match open_session(&cfg, epoch, &pools.ids()).await {
             Ok(v) => v,
             Err(AmqpError::LockHeld(held))
                 if lost_at.is_some_and(|t| t.elapsed() < LOCK_REGAIN_MAX) =>
