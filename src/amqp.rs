@@ -431,6 +431,28 @@ pub async fn own_pool(
     .await
 }
 
+/// Removes the binding of `pool` from this worker's request queue on the routing exchange: for
+/// a pool in the worker's durable state that it no longer serves (removed from its config, so
+/// moved away). Bindings of a durable queue outlive the worker; without this, requests for a
+/// moved pool would still be copied into the old owner's queue. Unbinding a binding that does
+/// not exist is not an error. Without `amqp.exchange` it does nothing.
+pub async fn release_pool(bind: &Channel, cfg: &AmqpConfig, pool: &str) -> Result<(), AmqpError> {
+    if cfg.exchange.is_empty() {
+        return Ok(());
+    }
+    timed(
+        "queue.unbind (pool)",
+        cfg.operation_timeout_ms,
+        bind.queue_unbind(
+            cfg.request_queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            pool.into(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
 async fn declare_exchange(
     ch: &Channel,
     exchange: &str,

@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX, ID_BYTES_MAX,
-    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
+    AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
+    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, ID_BYTES_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
     SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX, SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
 pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
@@ -1147,8 +1147,7 @@ fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
         }
         // The worker also declares `<exchange>.unrouted`, `<exchange>.ae` and, per pool, the
         // lock queue `<exchange>.pool.<pool id>.lock` (pool ids up to ID_BYTES_MAX).
-        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len()
-            > AMQP_NAME_BYTES_MAX
+        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len() > AMQP_NAME_BYTES_MAX
         {
             return Err(invalid(
                 at("amqp.exchange"),

@@ -300,7 +300,11 @@ fn admit<T>(
         return Ok(Admit::Repeat(repeat));
     }
     let default_pool = routed_pool.unwrap_or(&pools.default_pool);
-    let request = message::parse_request(body, default_pool, |p| pools.index.contains_key(p))?;
+    // Through the exchange a body naming another pool is a mismatch, whether or not this
+    // worker serves that pool: it passes the existence check here and is rejected below.
+    let request = message::parse_request(body, default_pool, |p| {
+        pools.index.contains_key(p) || routed_pool.is_some_and(|key| key != p)
+    })?;
     if let Some(key) = routed_pool
         && request.pool != key
     {
@@ -432,6 +436,11 @@ mod tests {
                 "{reason}"
             ),
             Ok(other) => panic!("a pool other than the routing key was accepted: {other:?}"),
+        }
+        // A pool this worker does not serve in the body: still the mismatch.
+        match routed(br#"{"pool":"elsewhere"}"#) {
+            Err(reason) => assert!(reason.contains("routing key"), "{reason}"),
+            Ok(other) => panic!("accepted: {other:?}"),
         }
         // A routing key this worker does not serve (a stale binding): unknown pool.
         match admit(&a, &p, &props(None), &[], Some("gone"), b"{}") {
