@@ -2723,6 +2723,24 @@ weight = 0
     // --- helpers -------------------------------------------------------------------------------
 
     #[test]
+    fn the_routing_exchange_leaves_room_for_the_pool_lock_names() {
+        // <exchange>.pool.<pool id up to ID_BYTES_MAX>.lock must fit an AMQP name.
+        let fits = AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
+        let file = |exchange: String| {
+            format!(
+                "[amqp]\nexchange = {exchange:?}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [{{ id = \"a\", quantity = 1 }}]\n"
+            )
+        };
+        let (_, ok) = load_text(&file("e".repeat(fits)));
+        assert_eq!(ok.expect("fits").amqp.exchange.len(), fits);
+        let (_, _, message) = error_of(&file("e".repeat(fits + 1)));
+        assert_contains(
+            &message,
+            &["amqp.exchange", "pool locks", &fits.to_string()],
+        );
+    }
+
+    #[test]
     fn dead_letter_exchange_name_is_derived_when_empty() {
         let mut amqp = AmqpConfig::default();
         assert_eq!(amqp.dead_letter_exchange_name(), "rewardpool.requests.dlx");
