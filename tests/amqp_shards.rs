@@ -626,3 +626,88 @@ async fn a_pool_moves_to_another_shard_with_what_is_left() {
     b.names.delete(&conn).await;
     delete_routing(&conn, &ex).await;
 }
+
+/// Closes the broker connection whose client-provided name is `name` (this test's worker only).
+fn close_connection_named(name: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("run rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text
+        .lines()
+        .find_map(|l| {
+            let end = l.find('>')?;
+            l.contains(&format!("{{\"connection_name\",\"{name}\"}}"))
+                .then(|| l[..=end].trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no connection named {name:?} in {text}"));
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &pid, "test: lost session"])
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(status.success());
+}
+
+/// The race of the README: the owner's connection drops, the broker frees its locks, and a
+/// worker with the same pool (another data directory) takes the pool in the gap. The first
+/// worker, back on the broker, must not consume beside it: it says why and waits (it stops for
+/// good after 180 s); once the other worker is gone it takes the pool back and serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_lost_session_a_pool_taken_meanwhile_stops_consuming_with_the_reason() {
+    let conn = require_broker().await;
+    let ex = exchange_name("shards-race");
+    let mut a = shard(
+        "shards-race-a",
+        &ex,
+        vec![PoolSpec::new("rp", &[("gold", 100)])],
+    );
+    // A slow reconnect leaves the gap in which the other worker starts.
+    a.config
+        .amqp_extra
+        .push("reconnect_backoff_min_ms = 4000".into());
+    a.config
+        .amqp_extra
+        .push("reconnect_backoff_max_ms = 4000".into());
+    std::fs::write(&a.config_path, a.render()).unwrap();
+    let c = shard(
+        "shards-race-c",
+        &ex,
+        vec![PoolSpec::new("rp", &[("gold", 100)])],
+    );
+    let mut wa = a.start_ready(&conn, &[]).await;
+    close_connection_named(&format!("rewardpool worker {}", wa.pid()));
+    let mut wc = c.start_ready(&conn, &[]).await;
+
+    wait_until("the first worker to say why it waits", WAIT, async || {
+        wa.log().contains("broker lock not free yet")
+    })
+    .await;
+    let log = wa.log();
+    assert!(
+        log.contains("another worker holds the broker lock on pool \"rp\""),
+        "{log}"
+    );
+    wa.assert_running();
+    assert_eq!(
+        must_queue_state(&conn, &a.names.request).await.consumers,
+        0,
+        "the first worker must not consume while the other owns its pool"
+    );
+
+    // The other worker goes; the first takes the pool back and serves it.
+    wc.stop(libc::SIGTERM, WAIT).await;
+    wa.wait_ready(&conn, &a.names.request, WAIT).await;
+    let results = Collector::start(&a.names.result).await;
+    let p = ExchangeProducer::new(&conn, &ex).await;
+    p.publish_request(&["rp"], 1).await;
+    results
+        .wait_for("the result on the first worker", WAIT, |m| {
+            distinct_count(m) >= 1
+        })
+        .await;
+    wa.stop(libc::SIGTERM, WAIT).await;
+    a.names.delete(&conn).await;
+    c.names.delete(&conn).await;
+    delete_routing(&conn, &ex).await;
+}
