@@ -711,3 +711,64 @@ async fn after_a_lost_session_a_pool_taken_meanwhile_stops_consuming_with_the_re
     c.names.delete(&conn).await;
     delete_routing(&conn, &ex).await;
 }
+
+/// `deploy/docker-compose.shards.yml` is valid for docker-compose, and its two shard configs
+/// load, share one exchange, and own disjoint pools on distinct queues.
+#[test]
+fn the_shards_compose_file_and_its_shard_configs_are_valid() {
+    let repo = |p: &str| format!("{}/{p}", env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("docker-compose")
+        .args([
+            "-f",
+            &repo("deploy/docker-compose.shards.yml"),
+            "config",
+            "-q",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("docker-compose not found ({e}): `bash .ci/run` installs it"));
+    assert!(
+        out.status.success(),
+        "docker-compose config failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pools = Vec::new();
+    let mut queues = Vec::new();
+    for shard in ["a", "b"] {
+        let path = repo(&format!("deploy/shards/shard-{shard}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("exchange = \"rewardpool\""), "{path}");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("request_queue"))
+            .unwrap();
+        queues.push(line.to_string());
+        let data = tempfile::tempdir().unwrap();
+        let out = cli(
+            &[
+                "inspect",
+                "--config",
+                &path,
+                "--data-dir",
+                data.path().to_str().unwrap(),
+            ],
+            None,
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for p in v["pools"].as_array().unwrap() {
+            pools.push(p["id"].as_str().unwrap().to_string());
+        }
+    }
+    let distinct: std::collections::BTreeSet<_> = pools.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        pools.len(),
+        "each pool in one shard: {pools:?}"
+    );
+    assert_ne!(queues[0], queues[1]);
+}
