@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{
     AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
-    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
+    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, ID_BYTES_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
     SEED_EPOCH_RECORDS_MAX, SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX,
     SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
@@ -1155,12 +1155,15 @@ fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
         if let Some(reason) = amqp_name_problem(&amqp.exchange, "exchange name") {
             return Err(invalid(at("amqp.exchange"), reason));
         }
-        // The worker also declares `<exchange>.unrouted`.
-        if amqp.exchange.len() + ".unrouted".len() > AMQP_NAME_BYTES_MAX {
+        // The worker also declares `<exchange>.unrouted`, `<exchange>.ae` and, per pool, the
+        // lock queue `<exchange>.pool.<pool id>.lock` (pool ids up to ID_BYTES_MAX).
+        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len() > AMQP_NAME_BYTES_MAX
+        {
             return Err(invalid(
                 at("amqp.exchange"),
                 format!(
-                    "exchange name is too long for \"<exchange>.unrouted\" (at most {AMQP_NAME_BYTES_MAX} bytes)"
+                    "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {} bytes)",
+                    AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len()
                 ),
             ));
         }
@@ -2734,6 +2737,24 @@ weight = 0
     }
 
     // --- helpers -------------------------------------------------------------------------------
+
+    #[test]
+    fn the_routing_exchange_leaves_room_for_the_pool_lock_names() {
+        // <exchange>.pool.<pool id up to ID_BYTES_MAX>.lock must fit an AMQP name.
+        let fits = AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
+        let file = |exchange: String| {
+            format!(
+                "[amqp]\nexchange = {exchange:?}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [{{ id = \"a\", quantity = 1 }}]\n"
+            )
+        };
+        let (_, ok) = load_text(&file("e".repeat(fits)));
+        assert_eq!(ok.expect("fits").amqp.exchange.len(), fits);
+        let (_, _, message) = error_of(&file("e".repeat(fits + 1)));
+        assert_contains(
+            &message,
+            &["amqp.exchange", "pool locks", &fits.to_string()],
+        );
+    }
 
     #[test]
     fn dead_letter_exchange_name_is_derived_when_empty() {
