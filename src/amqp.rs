@@ -33,7 +33,7 @@ pub enum AmqpError {
     )]
     Inequivalent { queue: String, detail: String },
     #[error(
-        "exchange {exchange:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.dead_letter_exchange)"
+        "exchange {exchange:?} already exists with other arguments ({detail}); delete it or change the configuration (amqp.dead_letter_exchange, amqp.exchange)"
     )]
     InequivalentExchange { exchange: String, detail: String },
     #[error("{0}")]
@@ -76,7 +76,7 @@ fn classify_connect_error(e: AmqpError) -> AmqpError {
 /// Another connection holds a broker lock (see `take_lock`).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not consume the same queues; stop the other worker or point this one at other queues"
+    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not serve the same {what} (each would use its own data directory); stop the other worker or configure this one with another {what}"
 )]
 pub struct LockHeld {
     /// What the lock guards ("request queue", later "pool").
@@ -332,6 +332,157 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     )
     .await?;
     Ok(())
+}
+
+/// The alternate exchange of the routing exchange (fanout): takes what no binding routes.
+pub fn alternate_exchange_name(exchange: &str) -> String {
+    format!("{exchange}.ae")
+}
+
+/// The queue where requests for a pool no worker owns wait, untouched.
+pub fn unrouted_queue_name(exchange: &str) -> String {
+    format!("{exchange}.unrouted")
+}
+
+/// The name of the per-pool broker lock (its exclusive queue is this plus `.lock`). It carries
+/// the exchange's name: one routing exchange is one set of shards.
+pub fn pool_lock_name(exchange: &str, pool: &str) -> String {
+    format!("{exchange}.pool.{pool}")
+}
+
+/// With `amqp.exchange` set, declares the routing topology idempotently: the alternate
+/// exchange (fanout, durable) bound to `<exchange>.unrouted` (durable, `amqp.queue_type`, no
+/// dead-lettering: nothing consumes it, an operator reads it), and the routing exchange
+/// (direct, durable, `alternate-exchange` = the alternate). Pools are bound by [`own_pool`].
+/// Without the key it does nothing.
+pub async fn declare_routing(ch: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
+    if cfg.exchange.is_empty() {
+        return Ok(());
+    }
+    let op = cfg.operation_timeout_ms;
+    let ae = alternate_exchange_name(&cfg.exchange);
+    let unrouted = unrouted_queue_name(&cfg.exchange);
+    declare_exchange(ch, &ae, ExchangeKind::Fanout, FieldTable::default(), op).await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(cfg.queue_type.as_str().into()),
+    );
+    declare_queue(ch, &unrouted, args, op).await?;
+    timed(
+        "queue.bind",
+        op,
+        ch.queue_bind(
+            unrouted.as_str().into(),
+            ae.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "alternate-exchange".into(),
+        AMQPValue::LongString(ae.as_str().into()),
+    );
+    declare_exchange(ch, &cfg.exchange, ExchangeKind::Direct, args, op).await
+}
+
+/// Takes ownership of `pool` on the routing exchange: first the per-pool broker lock
+/// (`take_lock` with what = "pool", on `lock`, the channel a refusal may close), then the
+/// binding of the request queue with routing key = the pool id (on `bind`). In this order, so
+/// that a pool is never bound by a worker that does not hold it. Called for every pool a worker
+/// serves on every session before consuming, and by the admin path when `add_pool` adds one
+/// (before its reply). Without `amqp.exchange` it does nothing. A pool another worker owns is
+/// `AmqpError::LockHeld` naming the pool; the binding is then not made.
+pub async fn own_pool(
+    lock: &Channel,
+    bind: &Channel,
+    cfg: &AmqpConfig,
+    pool: &str,
+) -> Result<(), AmqpError> {
+    if cfg.exchange.is_empty() {
+        return Ok(());
+    }
+    let op = cfg.operation_timeout_ms;
+    take_lock(lock, "pool", &pool_lock_name(&cfg.exchange, pool), op)
+        .await
+        .map_err(|e| match e {
+            // Name the pool itself, not the lock's internal name.
+            AmqpError::LockHeld(held) => LockHeld {
+                name: pool.to_string(),
+                ..held
+            }
+            .into(),
+            e => e,
+        })?;
+    timed(
+        "queue.bind (pool)",
+        op,
+        bind.queue_bind(
+            cfg.request_queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            pool.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+/// Removes the binding of `pool` from this worker's request queue on the routing exchange: for
+/// a pool in the worker's durable state that it no longer serves (removed from its config, so
+/// moved away). Bindings of a durable queue outlive the worker; without this, requests for a
+/// moved pool would still be copied into the old owner's queue. Unbinding a binding that does
+/// not exist is not an error. Without `amqp.exchange` it does nothing.
+pub async fn release_pool(bind: &Channel, cfg: &AmqpConfig, pool: &str) -> Result<(), AmqpError> {
+    if cfg.exchange.is_empty() {
+        return Ok(());
+    }
+    timed(
+        "queue.unbind (pool)",
+        cfg.operation_timeout_ms,
+        bind.queue_unbind(
+            cfg.request_queue.as_str().into(),
+            cfg.exchange.as_str().into(),
+            pool.into(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+async fn declare_exchange(
+    ch: &Channel,
+    exchange: &str,
+    kind: ExchangeKind,
+    args: FieldTable,
+    op: u64,
+) -> Result<(), AmqpError> {
+    timed(
+        "exchange.declare",
+        op,
+        ch.exchange_declare(
+            exchange.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        ),
+    )
+    .await
+    .map_err(|e| match e {
+        AmqpError::Broker { error, .. } if precondition_failed(&error) => {
+            AmqpError::InequivalentExchange {
+                exchange: exchange.to_string(),
+                detail: error.to_string(),
+            }
+        }
+        e => e,
+    })
 }
 
 /// The broker refused a declaration because the object exists with other arguments.

@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{
     AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
-    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
-    SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX, SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
+    DEDUPE_WINDOW_MAX, ID_BLOCK_SIZE_MAX, ID_BYTES_MAX, POOL_ITEMS_MAX, PREFETCH_MAX, PREFETCH_MIN,
+    SEED_EPOCH_RECORDS_MAX, SEGMENT_BYTES_MAX, SHUTDOWN_DEADLINE_MS_MAX,
+    SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
 pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
 use crate::seed::{RuleError, shorten as shorten_plain};
@@ -273,6 +274,13 @@ pub struct StorageConfig {
     pub segment_bytes_max: u64,
     #[serde(deserialize_with = "strict_int::int")]
     pub id_block_size: u64,
+    /// Draws per epoch: a new draw secret from the OS after this many (src/epoch.rs).
+    #[serde(deserialize_with = "strict_int::int")]
+    pub seed_epoch_records: u64,
+    /// WAL bytes kept after snapshots make them unnecessary for recovery, for `audit`
+    /// (0 = none, as before).
+    #[serde(deserialize_with = "strict_int::int")]
+    pub wal_retain_bytes: u64,
     /// Fixed RNG seed, for tests only. Absent: seeded from the OS.
     #[serde(
         deserialize_with = "strict_int::opt",
@@ -291,6 +299,8 @@ impl Default for StorageConfig {
             snapshot_every_records: 1_000_000,
             segment_bytes_max: 67_108_864,
             id_block_size: 65_536,
+            seed_epoch_records: 1_000_000,
+            wal_retain_bytes: 0,
             rng_seed: None,
         }
     }
@@ -1145,12 +1155,15 @@ fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
         if let Some(reason) = amqp_name_problem(&amqp.exchange, "exchange name") {
             return Err(invalid(at("amqp.exchange"), reason));
         }
-        // The worker also declares `<exchange>.unrouted`.
-        if amqp.exchange.len() + ".unrouted".len() > AMQP_NAME_BYTES_MAX {
+        // The worker also declares `<exchange>.unrouted`, `<exchange>.ae` and, per pool, the
+        // lock queue `<exchange>.pool.<pool id>.lock` (pool ids up to ID_BYTES_MAX).
+        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len() > AMQP_NAME_BYTES_MAX
+        {
             return Err(invalid(
                 at("amqp.exchange"),
                 format!(
-                    "exchange name is too long for \"<exchange>.unrouted\" (at most {AMQP_NAME_BYTES_MAX} bytes)"
+                    "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {} bytes)",
+                    AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len()
                 ),
             ));
         }
@@ -1265,6 +1278,11 @@ fn validate_storage(ctx: &Ctx<'_>, storage: &StorageConfig) -> Result<(), Config
             "storage.id_block_size",
             storage.id_block_size,
             ID_BLOCK_SIZE_MAX,
+        ),
+        (
+            "storage.seed_epoch_records",
+            storage.seed_epoch_records,
+            SEED_EPOCH_RECORDS_MAX,
         ),
     ];
     for (key, value, max) in checks {
@@ -2576,6 +2594,7 @@ weight = 0
             ),
             ("segment_bytes_max = 0", &["`storage.segment_bytes_max`"]),
             ("id_block_size = 0", &["`storage.id_block_size`"]),
+            ("seed_epoch_records = 0", &["`storage.seed_epoch_records`"]),
             (
                 "data_dir = \"\"",
                 &["`storage.data_dir`", "must not be empty"],
@@ -2718,6 +2737,24 @@ weight = 0
     }
 
     // --- helpers -------------------------------------------------------------------------------
+
+    #[test]
+    fn the_routing_exchange_leaves_room_for_the_pool_lock_names() {
+        // <exchange>.pool.<pool id up to ID_BYTES_MAX>.lock must fit an AMQP name.
+        let fits = AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
+        let file = |exchange: String| {
+            format!(
+                "[amqp]\nexchange = {exchange:?}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [{{ id = \"a\", quantity = 1 }}]\n"
+            )
+        };
+        let (_, ok) = load_text(&file("e".repeat(fits)));
+        assert_eq!(ok.expect("fits").amqp.exchange.len(), fits);
+        let (_, _, message) = error_of(&file("e".repeat(fits + 1)));
+        assert_contains(
+            &message,
+            &["amqp.exchange", "pool locks", &fits.to_string()],
+        );
+    }
 
     #[test]
     fn dead_letter_exchange_name_is_derived_when_empty() {

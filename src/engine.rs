@@ -23,19 +23,18 @@
 //! Threads rather than tasks: fsync blocks, and must never block the async runtime.
 
 use crate::dedupe::{MessageKey, message_key};
+use crate::epoch::{self, DrawKey};
 use crate::failpoint::failpoint;
 use crate::ids::IdAllocator;
 use crate::limits::{
     BATCH_RECORD_BYTES_ESTIMATE, ENGINE_COMMITTED_BATCHES_MAX, ENGINE_JOBS_MAX,
     WAL_GROUP_BATCHES_MAX,
 };
-use crate::pool::DrawRng;
-use crate::record::Record;
+use crate::record::{EpochRecord, Record};
 use crate::snapshot::{self, Image};
 use crate::state::{DrawInput, Outcome, State};
 use crate::storage::Storage;
 use crate::wal::{BatchBuilder, SegmentWriter};
-use rand::SeedableRng;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
@@ -52,6 +51,10 @@ pub struct EngineOptions {
     pub segment_bytes_max: u64,
     pub id_block_size: u64,
     pub rng_seed: Option<u64>,
+    /// Draws per epoch: a new secret after this many (src/epoch.rs).
+    pub seed_epoch_records: u64,
+    /// WAL bytes kept for `audit` after snapshots make them unnecessary for recovery.
+    pub wal_retain_bytes: u64,
     pub keep_all_wal: bool,
     /// The file operations (`storage::real()`; the fault simulation passes its own).
     pub storage: &'static dyn Storage,
@@ -70,6 +73,8 @@ impl EngineOptions {
             segment_bytes_max: s.segment_bytes_max,
             id_block_size: s.id_block_size,
             rng_seed: s.rng_seed,
+            seed_epoch_records: s.seed_epoch_records,
+            wal_retain_bytes: s.wal_retain_bytes,
             keep_all_wal,
             storage: crate::storage::real(),
         }
@@ -410,14 +415,9 @@ fn engine_loop<T>(
     fatal: Fatal,
     options: EngineOptions,
 ) {
-    let mut rng = match options.rng_seed {
-        Some(seed) => DrawRng::seed_from_u64(seed),
-        None => {
-            let mut seed = [0u8; 32];
-            rand::fill(&mut seed);
-            DrawRng::from_seed(seed)
-        }
-    };
+    assert!(options.seed_epoch_records >= 1);
+    // Every start draws under a new epoch, begun (and recorded) before its first draw.
+    let mut draw_key: Option<DrawKey> = None;
     let mut commands: Vec<Command<T>> = Vec::with_capacity(options.batch_records_max);
     let mut since_snapshot: u64 = 0;
     let mut open = true;
@@ -471,6 +471,28 @@ fn engine_loop<T>(
                         user: &req.user,
                         count: req.count,
                     };
+                    let due = state
+                        .epoch
+                        .as_ref()
+                        .is_none_or(|e| e.draws >= options.seed_epoch_records);
+                    if draw_key.is_none() || due {
+                        let record = new_epoch(&state, options.rng_seed);
+                        batch.push_record(&record);
+                        state
+                            .apply(&record)
+                            .unwrap_or_else(|e| panic!("engine invariant violated: {e}"));
+                        let epoch = state.epoch.as_ref().expect("epoch just applied");
+                        tracing::info!(
+                            epoch = epoch.number,
+                            commitment = %epoch::to_hex(&epoch.commitment),
+                            "draw epoch begins"
+                        );
+                        draw_key = Some(epoch.key.clone());
+                    }
+                    let mut rng = draw_key
+                        .as_ref()
+                        .expect("epoch begun")
+                        .stream(req.request_id);
                     // The engine never draws an ID twice nor out of order: `draw` checks it.
                     let outcome = state
                         .draw(&input, &mut rng, batch.buffer())
@@ -548,6 +570,21 @@ fn engine_loop<T>(
         }
     }
     let _ = job_tx.send(Job::Final(Image::capture(&state)));
+}
+
+/// The `Epoch` record that follows the state's current epoch: a fresh secret from the OS, or
+/// under the test-only `rng_seed` one derived from it and the epoch number.
+fn new_epoch(state: &State, rng_seed: Option<u64>) -> Record {
+    let number = state.epoch.as_ref().map_or(0, |e| e.number) + 1;
+    let secret = match rng_seed {
+        Some(seed) => epoch::test_secret(seed, number),
+        None => epoch::os_secret(),
+    };
+    Record::Epoch(EpochRecord {
+        number,
+        secret,
+        commitment: epoch::commitment(&secret),
+    })
 }
 
 /// The WAL writer thread: group commit, then completions, in batch order.
@@ -691,13 +728,17 @@ fn snapshot_loop(
             }
         })?;
         failpoint("snapshot.before_prune");
-        snapshot::prune_in(options.storage, &options.data_dir, options.keep_all_wal).map_err(
-            |source| StorageError::Snapshot {
-                what: "prune after snapshot",
-                seq,
-                source,
-            },
-        )?;
+        snapshot::prune_in(
+            options.storage,
+            &options.data_dir,
+            options.keep_all_wal,
+            options.wal_retain_bytes,
+        )
+        .map_err(|source| StorageError::Snapshot {
+            what: "prune after snapshot",
+            seq,
+            source,
+        })?;
         tracing::info!(
             seq = image.seq,
             write_ms = started.elapsed().as_millis() as u64,

@@ -45,6 +45,16 @@ pub struct Pools {
     pub index: HashMap<String, u32>,
 }
 
+impl Pools {
+    /// The pools this worker serves, in a stable order: with `amqp.exchange` it owns (locks
+    /// and binds) each of them on every session.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.index.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+}
+
 pub async fn start_consumer(session: &Session, queue: &str) -> Result<Consumer, AmqpError> {
     timed(
         "basic.consume",
@@ -151,12 +161,20 @@ async fn handle(
     let key = mid.map(message_key);
     let cfg = &session.cfg;
     let lock_queue = crate::amqp::lock_queue_name(&cfg.request_queue);
-    let own_queues = [
+    let unrouted = crate::amqp::unrouted_queue_name(&cfg.exchange);
+    let mut own_queues = vec![
         cfg.request_queue.as_str(),
         cfg.result_queue.as_str(),
         cfg.dead_letter_queue.as_str(),
         lock_queue.as_str(),
     ];
+    if !cfg.exchange.is_empty() {
+        own_queues.push(unrouted.as_str());
+    }
+    // Through the routing exchange the routing key is the pool the producer named (and the
+    // one the broker picked this worker for); published to the queue by name there is none.
+    let routed_pool = (!cfg.exchange.is_empty() && delivery.exchange.as_str() == cfg.exchange)
+        .then_some(delivery.routing_key.as_str());
     let request_props = message::RequestProps {
         message_id: mid,
         correlation_id: correlation_id.as_ref().map(|c| c.as_str()),
@@ -170,6 +188,7 @@ async fn handle(
         pools,
         &request_props,
         &own_queues,
+        routed_pool,
         &delivery.data,
     ) {
         Ok(admit) => admit,
@@ -263,19 +282,39 @@ async fn handle(
 /// Decides what a delivery is, before any reply and without handing out an ID: a repeat (known
 /// by its `message_id` alone; its body is not looked at), a new request, or a rejection with
 /// its reason.
+///
+/// `routed_pool` is the routing key of a delivery that came through `amqp.exchange`. Its body
+/// must name that pool or none: a body without `pool` draws from the routing key's pool (the
+/// one pool the producer named; the config's first pool differs from shard to shard), and a
+/// body naming another pool is rejected — drawing from either would be a guess.
 fn admit<T>(
     admission: &Admission<T>,
     pools: &Pools,
     props: &message::RequestProps,
     own_queues: &[&str],
+    routed_pool: Option<&str>,
     body: &[u8],
 ) -> Result<Admit, String> {
     message::check_properties(props, own_queues)?;
-    match admission.repeat_of(props.message_id.map(message_key)) {
-        Some(repeat) => Ok(Admit::Repeat(repeat)),
-        None => message::parse_request(body, &pools.default_pool, |p| pools.index.contains_key(p))
-            .map(Admit::New),
+    if let Some(repeat) = admission.repeat_of(props.message_id.map(message_key)) {
+        return Ok(Admit::Repeat(repeat));
     }
+    let default_pool = routed_pool.unwrap_or(&pools.default_pool);
+    // Through the exchange a body naming another pool is a mismatch, whether or not this
+    // worker serves that pool: it passes the existence check here and is rejected below.
+    let request = message::parse_request(body, default_pool, |p| {
+        pools.index.contains_key(p) || routed_pool.is_some_and(|key| key != p)
+    })?;
+    if let Some(key) = routed_pool
+        && request.pool != key
+    {
+        return Err(format!(
+            "body pool {:?} differs from the routing key {:?} the request was published with",
+            message::truncate(&request.pool, 128),
+            message::truncate(key, 128)
+        ));
+    }
+    Ok(Admit::New(request))
 }
 
 /// What ingest decided for a valid delivery.
@@ -321,6 +360,7 @@ mod tests {
             &pools(),
             &props(Some("m-1")),
             &[],
+            None,
             br#"{"user":"alice","count":2}"#,
         ) {
             Ok(Admit::New(r)) => {
@@ -338,7 +378,7 @@ mod tests {
         let (mut a, _rx) = admission();
         let first = a.assign_blocking(Some("m-1")).unwrap();
         // The repeat's body is garbage and names an unknown pool: it is never parsed.
-        match admit(&a, &pools(), &props(Some("m-1")), &[], b"not json {") {
+        match admit(&a, &pools(), &props(Some("m-1")), &[], None, b"not json {") {
             Ok(Admit::Repeat(r)) => assert_eq!(r.request_id, first.request_id()),
             other => panic!("expected a repeat: {other:?}"),
         }
@@ -356,7 +396,7 @@ mod tests {
             (None, br#"{"count":101}"#, "count"),
         ];
         for (message_id, body, want) in cases {
-            match admit(&a, &p, &props(message_id), &[], body) {
+            match admit(&a, &p, &props(message_id), &[], None, body) {
                 Err(reason) => assert!(
                     reason.contains(want),
                     "{}: reason {reason:?} lacks {want:?}",
@@ -373,6 +413,39 @@ mod tests {
         let (mut a, _rx) = admission();
         let long_id = "y".repeat(300);
         let _ = a.assign_blocking(Some(&long_id)).unwrap();
-        assert!(admit(&a, &pools(), &props(Some(&long_id)), &[], b"{}").is_err());
+        assert!(admit(&a, &pools(), &props(Some(&long_id)), &[], None, b"{}").is_err());
+    }
+
+    #[test]
+    fn through_the_exchange_the_body_pool_must_match_the_routing_key() {
+        let (a, _rx) = admission();
+        let p = pools();
+        let routed = |body: &[u8]| admit(&a, &p, &props(None), &[], Some("spin"), body);
+        // No pool in the body: the routing key's pool, not the config's first pool.
+        match routed(br#"{"user":"bob"}"#) {
+            Ok(Admit::New(r)) => assert_eq!(r.pool, "spin"),
+            other => panic!("expected a draw from spin: {other:?}"),
+        }
+        match routed(br#"{"pool":"spin"}"#) {
+            Ok(Admit::New(r)) => assert_eq!(r.pool, "spin"),
+            other => panic!("expected a draw from spin: {other:?}"),
+        }
+        match routed(br#"{"pool":"default"}"#) {
+            Err(reason) => assert!(
+                reason.contains("\"default\"") && reason.contains("routing key \"spin\""),
+                "{reason}"
+            ),
+            Ok(other) => panic!("a pool other than the routing key was accepted: {other:?}"),
+        }
+        // A pool this worker does not serve in the body: still the mismatch.
+        match routed(br#"{"pool":"elsewhere"}"#) {
+            Err(reason) => assert!(reason.contains("routing key"), "{reason}"),
+            Ok(other) => panic!("accepted: {other:?}"),
+        }
+        // A routing key this worker does not serve (a stale binding): unknown pool.
+        match admit(&a, &p, &props(None), &[], Some("gone"), b"{}") {
+            Err(reason) => assert!(reason.contains("unknown pool \"gone\""), "{reason}"),
+            Ok(other) => panic!("accepted: {other:?}"),
+        }
     }
 }

@@ -19,6 +19,18 @@ use std::path::Path;
 pub struct InspectOutput {
     pub pools: Vec<InspectPool>,
     pub last_request_id: u64,
+    /// The current draw epoch: its number and commitment, sha256(secret) (src/epoch.rs).
+    /// Absent before the first draw.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<InspectEpoch>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct InspectEpoch {
+    pub number: u64,
+    pub commitment: String,
+    /// Draws made under it so far.
+    pub draws: u64,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -83,6 +95,11 @@ pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, Recove
     Ok(InspectOutput {
         pools,
         last_request_id: state.reserved_ids.max(state.last_drawn_id),
+        epoch: state.epoch.as_ref().map(|e| InspectEpoch {
+            number: e.number,
+            commitment: crate::epoch::to_hex(&e.commitment),
+            draws: e.draws,
+        }),
     })
 }
 
@@ -120,6 +137,13 @@ pub fn wal_dump(
                     Record::Reserve { ids_up_to } => {
                         writeln!(out, "reserve ids_up_to={ids_up_to}")?
                     }
+                    // The secret stays out of the dump: `audit --export` reveals ended epochs.
+                    Record::Epoch(epoch) => writeln!(
+                        out,
+                        "epoch number={} commitment={}",
+                        epoch.number,
+                        crate::epoch::to_hex(&epoch.commitment)
+                    )?,
                     Record::Seed {
                         pool_index,
                         pool:

@@ -41,9 +41,11 @@
 pub mod acks;
 pub mod admission;
 pub mod amqp;
+pub mod audit;
 pub mod config;
 pub mod dedupe;
 pub mod engine;
+pub mod epoch;
 pub mod failpoint;
 pub mod fenwick;
 pub mod ids;

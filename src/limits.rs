@@ -61,6 +61,8 @@ pub const BATCH_RECORDS_MAX: usize = 1 << 20;
 pub const CHANNEL_CAPACITY_MAX: usize = 1 << 20;
 /// Largest `storage.snapshot_every_records`.
 pub const SNAPSHOT_EVERY_RECORDS_MAX: u64 = 1 << 40;
+/// `storage.seed_epoch_records`: draws per epoch secret.
+pub const SEED_EPOCH_RECORDS_MAX: u64 = 1 << 40;
 /// Largest `storage.segment_bytes_max` (4 GiB).
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 32;
 /// Largest `storage.id_block_size`.

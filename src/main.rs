@@ -39,6 +39,17 @@ enum Command {
     },
     /// A live terminal view of a running worker, read from its /metrics.
     Top(TopArgs),
+    /// Re-derive every retained draw and check the log's story; changes no file.
+    Audit(AuditArgs),
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Write an audit bundle (JSON lines, docs/audit.md) a third party can check.
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -113,6 +124,7 @@ fn init_logging(format: LogFormat) {
 fn log_format(cli: &Cli) -> LogFormat {
     let common = match &cli.command {
         Command::Run(c) | Command::Inspect(c) => Some(c),
+        Command::Audit(a) => Some(&a.common),
         Command::Wal {
             command: WalCommand::Dump(c),
         } => Some(c),
@@ -165,6 +177,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &mut stderr.lock(),
             )?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(args) => {
+            let config = load_config(&args.common)?;
+            let summary = rewardpool::audit::audit(
+                &config.storage.data_dir,
+                config.storage.dedupe_window,
+                args.export.as_deref(),
+                true,
+            )?;
+            println!("{}", serde_json::to_string(&summary)?);
+            match &summary.first_mismatch {
+                None => Ok(ExitCode::SUCCESS),
+                Some(mismatch) => {
+                    eprintln!("error: audit failed: {mismatch}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
         }
         Command::Top(args) => {
             let url = match args.url {

@@ -238,7 +238,7 @@ pub fn parse_request(
     Ok(ParsedRequest { pool, user, count })
 }
 
-fn truncate(s: &str, bytes_max: usize) -> &str {
+pub fn truncate(s: &str, bytes_max: usize) -> &str {
     if s.len() <= bytes_max {
         return s;
     }

@@ -28,8 +28,9 @@ use rand::Rng;
 use crate::fenwick::Fenwick;
 use crate::limits::{POOL_ITEMS_MAX, QUANTITY_MAX, WEIGHT_MAX};
 
-/// The random number generator of the draws: fast, seedable, portable.
-pub type DrawRng = rand_chacha::ChaCha8Rng;
+/// The random stream of a draw: HMAC-SHA256 in counter mode keyed by the epoch secret
+/// (src/epoch.rs), one stream per request.
+pub use crate::epoch::DrawRng;
 
 pub use crate::seed::Mode;
 use crate::seed::PoolSeed;

@@ -1,6 +1,6 @@
 //! WAL records and their binary encoding.
 //!
-//! A record is the unit of durable change. Three kinds exist:
+//! A record is the unit of durable change. Four kinds exist:
 //!
 //! * `Seed` — a pool entered the durable state (its full definition), so the WAL is
 //!   self-describing and replay from an older snapshot never meets an unknown pool.
@@ -9,6 +9,8 @@
 //!   is never handed out again after it.
 //! * `Draw` — one drawn request: everything replay needs and everything a republished result
 //!   needs (request ID, `message_id`, pool, user, count, items).
+//! * `Epoch` (kind 5) — a new draw epoch: its number, its 256-bit secret and sha256(secret);
+//!   written before the first draw derived from it (src/epoch.rs).
 //!
 //! Frame: `len: u32 | crc32c(body): u32 | body`, little-endian. Every variable field carries its
 //! length and is bounded (`*_BYTES_MAX`), so a decoder never allocates on a corrupt length.
@@ -25,12 +27,33 @@ const FRAME_HEADER_BYTES: usize = 8;
 const KIND_SEED: u8 = 1;
 const KIND_RESERVE: u8 = 2;
 const KIND_DRAW: u8 = 3;
+const KIND_EPOCH: u8 = 5;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
     Seed { pool_index: u32, pool: PoolSeed },
     Reserve { ids_up_to: u64 },
     Draw(DrawRecord),
+    Epoch(EpochRecord),
+}
+
+/// A draw epoch begins: every draw after it, up to the next one, derives from `secret`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EpochRecord {
+    pub number: u64,
+    pub secret: [u8; 32],
+    /// sha256(secret), as published while the epoch ran.
+    pub commitment: [u8; 32],
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for EpochRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochRecord")
+            .field("number", &self.number)
+            .field("commitment", &crate::epoch::to_hex(&self.commitment))
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,6 +159,14 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             let start = begin_frame(out);
             out.push(KIND_RESERVE);
             out.extend_from_slice(&ids_up_to.to_le_bytes());
+            end_frame(out, start);
+        }
+        Record::Epoch(epoch) => {
+            let start = begin_frame(out);
+            out.push(KIND_EPOCH);
+            out.extend_from_slice(&epoch.number.to_le_bytes());
+            out.extend_from_slice(&epoch.secret);
+            out.extend_from_slice(&epoch.commitment);
             end_frame(out, start);
         }
         Record::Seed { pool_index, pool } => {
@@ -262,6 +293,16 @@ pub fn decode(bytes: &[u8]) -> Result<(Record, usize), DecodeError> {
         KIND_RESERVE => Record::Reserve {
             ids_up_to: r.u64()?,
         },
+        KIND_EPOCH => {
+            let number = r.u64()?;
+            let secret = r.take(32)?.try_into().expect("32 bytes");
+            let commitment = r.take(32)?.try_into().expect("32 bytes");
+            Record::Epoch(EpochRecord {
+                number,
+                secret,
+                commitment,
+            })
+        }
         KIND_SEED => {
             let pool_index = r.u32()?;
             let n = r.u8()? as usize;
@@ -399,9 +440,14 @@ mod tests {
     }
 
     #[test]
-    fn seed_and_reserve_roundtrip() {
+    fn seed_reserve_and_epoch_roundtrip() {
         let records = vec![
             Record::Reserve { ids_up_to: 65536 },
+            Record::Epoch(EpochRecord {
+                number: 9,
+                secret: [3; 32],
+                commitment: crate::epoch::commitment(&[3; 32]),
+            }),
             Record::Seed {
                 pool_index: 3,
                 pool: PoolSeed::from_parts(

@@ -279,6 +279,9 @@ pub fn recover_in(
     let dir = config.storage.data_dir.as_path();
     fs.create_dir_all(dir)
         .map_err(|e| io_error("create data directory", dir, e))?;
+    // Owner only (0700, 0600): the WAL and the snapshots hold draw epoch secrets.
+    fs.restrict_to_owner(dir)
+        .map_err(|e| io_error("restrict permissions of", dir, e))?;
     let lock = DirLock::acquire(dir).map_err(|e| match e {
         LockError::Io { path, error } if is_disk_full(&error) => RecoveryError::DiskFull { path },
         e => RecoveryError::Lock(e),
@@ -364,7 +367,8 @@ pub fn recover_in(
     let segment =
         SegmentWriter::create_in(fs, dir, state.seq + 1).map_err(|e| io_error("create", dir, e))?;
     failpoint("recovery.after_rotate");
-    snapshot::prune_in(fs, dir, keep_all_wal).map_err(|e| io_error("prune", dir, e))?;
+    snapshot::prune_in(fs, dir, keep_all_wal, config.storage.wal_retain_bytes)
+        .map_err(|e| io_error("prune", dir, e))?;
     Ok(Recovered {
         lock,
         state,

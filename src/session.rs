@@ -30,6 +30,8 @@ pub struct Session {
     pub epoch: u64,
     pub consume: Channel,
     pub publish: Channel,
+    /// The channel broker locks are declared on (a refused lock closes it, nothing else).
+    pub lock: Channel,
     pub cfg: Arc<AmqpConfig>,
     acks: Mutex<AckTracker>,
     broken: watch::Sender<Option<String>>,
@@ -39,16 +41,32 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(epoch: u64, consume: Channel, publish: Channel, cfg: Arc<AmqpConfig>) -> Session {
+    pub fn new(
+        epoch: u64,
+        consume: Channel,
+        publish: Channel,
+        lock: Channel,
+        cfg: Arc<AmqpConfig>,
+    ) -> Session {
         Session {
             epoch,
             consume,
             publish,
+            lock,
             cfg,
             acks: Mutex::new(AckTracker::new()),
             broken: watch::channel(None).0,
             blocked: watch::channel(None).0,
         }
+    }
+
+    /// Takes the per-pool broker lock and binds the pool on the routing exchange
+    /// ([`crate::amqp::own_pool`]); nothing without `amqp.exchange`. The admin path calls it
+    /// when `add_pool` adds a pool, before the command's reply; the worker calls it for every
+    /// pool it serves when a session opens. After a refusal (`AmqpError::LockHeld`) the lock
+    /// channel is closed: a later call fails with a broker error until the next session.
+    pub async fn own_pool(&self, pool: &str) -> Result<(), AmqpError> {
+        crate::amqp::own_pool(&self.lock, &self.consume, &self.cfg, pool).await
     }
 
     /// The broker's reason while it blocks this connection's publishes (resource alarm).

@@ -510,6 +510,14 @@ impl Storage for SimFs {
             .collect())
     }
 
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        Ok(self.read(path)?.len() as u64)
+    }
+
+    fn restrict_to_owner(&self, _dir: &Path) -> io::Result<()> {
+        Ok(())
+    }
+
     fn create_dir_all(&self, _dir: &Path) -> io::Result<()> {
         Ok(())
     }

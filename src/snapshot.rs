@@ -14,6 +14,7 @@
 //! engine thread; serialising and writing happen on the snapshot thread.
 
 use crate::dedupe::{MessageKey, key_from_hex, key_to_hex};
+use crate::epoch::{EpochState, from_hex32, to_hex};
 use crate::failpoint::failpoint;
 use crate::pool::{Item, Mode, Pool};
 use crate::state::{Outcome, State};
@@ -37,6 +38,8 @@ pub struct Image {
     pub last_drawn_id: u64,
     pools: Vec<PoolImage>,
     window: Vec<(MessageKey, Arc<Outcome>)>,
+    /// The current draw epoch, so `audit` can start from this snapshot (src/epoch.rs).
+    epoch: Option<EpochState>,
 }
 
 struct PoolImage {
@@ -71,6 +74,7 @@ impl Image {
                 })
                 .collect(),
             window: state.window.iter().map(|(k, v)| (k, v.clone())).collect(),
+            epoch: state.epoch.clone(),
         }
     }
 }
@@ -91,6 +95,18 @@ struct BodyOut<'a> {
     last_drawn_id: u64,
     pools: Vec<PoolOut<'a>>,
     window: Vec<EntryOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<EpochJson>,
+}
+
+/// The current epoch in a snapshot; absent in snapshots written before epochs existed.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EpochJson {
+    number: u64,
+    secret: String,
+    commitment: String,
+    draws: u64,
 }
 
 #[derive(Serialize)]
@@ -128,6 +144,8 @@ struct BodyIn {
     last_drawn_id: u64,
     pools: Vec<PoolIn>,
     window: Vec<EntryIn>,
+    #[serde(default)]
+    epoch: Option<EpochJson>,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +222,12 @@ pub fn encode(image: &Image) -> Vec<u8> {
                 items: o.items.iter().map(|s| &**s).collect(),
             })
             .collect(),
+        epoch: image.epoch.as_ref().map(|e| EpochJson {
+            number: e.number,
+            secret: to_hex(&e.secret),
+            commitment: to_hex(&e.commitment),
+            draws: e.draws,
+        }),
     };
     let body = serde_json::to_vec(&body).expect("snapshot body serialises");
     let header = Header {
@@ -231,6 +255,7 @@ pub fn write_in(fs: &dyn Storage, dir: &Path, image: &Image) -> io::Result<PathB
     let path = dir.join(file_name(image.seq));
     let tmp = dir.join(format!("{}.tmp", file_name(image.seq)));
     {
+        // Owner only (Storage::create): a snapshot holds the current epoch's secret.
         let mut f = fs.create(&tmp)?;
         f.write_all(&bytes)?;
         failpoint("snapshot.after_tmp_write");
@@ -294,6 +319,20 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
     state.seq = body.seq;
     state.reserved_ids = body.reserved_ids;
     state.last_drawn_id = body.last_drawn_id;
+    if let Some(e) = body.epoch {
+        let (Some(secret), Some(commitment)) = (from_hex32(&e.secret), from_hex32(&e.commitment))
+        else {
+            return Err("epoch secret or commitment is not 64 hex digits".into());
+        };
+        let epoch = EpochState::new(e.number, secret, commitment, e.draws);
+        if !epoch.commitment_holds() {
+            return Err(format!(
+                "epoch {}: commitment is not sha256(secret)",
+                e.number
+            ));
+        }
+        state.epoch = Some(epoch);
+    }
     for p in body.pools {
         let pool = Pool::from_items(&p.id, p.mode, p.items).map_err(|e| e.to_string())?;
         state.add_pool(pool).map_err(|e| e.to_string())?;
@@ -337,15 +376,22 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
     Ok(state)
 }
 
-/// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then every WAL segment whose batches
-/// all lie at or below the oldest kept snapshot. Oldest files go first, so a crash midway
-/// leaves a WAL without holes.
-pub fn prune(dir: &Path, keep_all_wal: bool) -> io::Result<()> {
-    prune_in(storage::real(), dir, keep_all_wal)
+/// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then the WAL segments whose batches
+/// all lie at or below the oldest kept snapshot (recovery no longer needs them), oldest first,
+/// except the newest of them up to `retain_bytes` in total (`storage.wal_retain_bytes`: history
+/// kept for `rewardpool audit`; 0 = none). Oldest files go first, so a crash midway leaves a
+/// WAL without holes.
+pub fn prune(dir: &Path, keep_all_wal: bool, retain_bytes: u64) -> io::Result<()> {
+    prune_in(storage::real(), dir, keep_all_wal, retain_bytes)
 }
 
 /// `prune` through `fs`.
-pub fn prune_in(fs: &dyn Storage, dir: &Path, keep_all_wal: bool) -> io::Result<()> {
+pub fn prune_in(
+    fs: &dyn Storage,
+    dir: &Path,
+    keep_all_wal: bool,
+    retain_bytes: u64,
+) -> io::Result<()> {
     let snapshots = list_in(fs, dir)?;
     if snapshots.len() < SNAPSHOTS_KEPT {
         return Ok(());
@@ -357,14 +403,24 @@ pub fn prune_in(fs: &dyn Storage, dir: &Path, keep_all_wal: bool) -> io::Result<
     }
     if !keep_all_wal {
         let segments = wal::list_segments_in(fs, dir)?;
-        for pair in segments.windows(2) {
-            // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
-            if pair[1].first_seq - 1 <= oldest_kept {
-                fs.remove(&pair[0].path)?;
-                failpoint("snapshot.mid_prune");
-            } else {
+        // pair[0] holds batches first_seq ..= pair[1].first_seq - 1.
+        let unneeded: Vec<&wal::SegmentInfo> = segments
+            .windows(2)
+            .take_while(|pair| pair[1].first_seq - 1 <= oldest_kept)
+            .map(|pair| &pair[0])
+            .collect();
+        let mut sizes = Vec::with_capacity(unneeded.len());
+        for segment in &unneeded {
+            sizes.push(fs.len(&segment.path)?);
+        }
+        let mut retained: u64 = sizes.iter().sum();
+        for (segment, size) in unneeded.iter().zip(sizes) {
+            if retained <= retain_bytes {
                 break;
             }
+            fs.remove(&segment.path)?;
+            retained -= size;
+            failpoint("snapshot.mid_prune");
         }
     }
     fs.sync_dir(dir)

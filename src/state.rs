@@ -6,8 +6,9 @@
 //! (`commit_draw`), so a replayed draw changes the state exactly as the live draw did.
 
 use crate::dedupe::{MessageKey, Window, message_key};
+use crate::epoch::EpochState;
 use crate::pool::{DrawRng, Item, Mode, Pool, PoolError};
-use crate::record::{DrawRef, Record};
+use crate::record::{DrawRecord, DrawRef, Record};
 use crate::seed::PoolSeed;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -82,6 +83,10 @@ pub enum StateError {
     DrawnTwice { request_id: u64, first: u64 },
     #[error("request {0} is above the reserved ID range")]
     Unreserved(u64),
+    #[error("epoch {number} begins after epoch {last}: epoch numbers must increase")]
+    EpochOrder { number: u64, last: u64 },
+    #[error("request {0} is drawn before any epoch record")]
+    NoEpoch(u64),
     #[error("{0}")]
     Pool(#[from] PoolError),
 }
@@ -107,6 +112,8 @@ pub struct State {
     pub last_drawn_id: u64,
     /// Last WAL batch applied.
     pub seq: u64,
+    /// The draw epoch of the last `Epoch` record (src/epoch.rs); `None` before the first.
+    pub epoch: Option<EpochState>,
     scratch: Vec<u32>,
 }
 
@@ -119,6 +126,7 @@ impl State {
             reserved_ids: 0,
             last_drawn_id: 0,
             seq: 0,
+            epoch: None,
             scratch: Vec::with_capacity(crate::record::COUNT_MAX as usize),
         }
     }
@@ -167,6 +175,21 @@ impl State {
             }
             Record::Reserve { ids_up_to } => {
                 self.reserved_ids = self.reserved_ids.max(*ids_up_to);
+            }
+            Record::Epoch(epoch) => {
+                let last = self.epoch.as_ref().map_or(0, |e| e.number);
+                if epoch.number <= last {
+                    return Err(StateError::EpochOrder {
+                        number: epoch.number,
+                        last,
+                    });
+                }
+                self.epoch = Some(EpochState::new(
+                    epoch.number,
+                    epoch.secret,
+                    epoch.commitment,
+                    0,
+                ));
             }
             Record::Draw(draw) => {
                 if draw.request_id > self.reserved_ids {
@@ -256,6 +279,37 @@ impl State {
         Ok(outcome)
     }
 
+    /// Audit: re-derives a recorded draw from the current epoch's secret and the state before
+    /// it, with `apply`'s checks and bookkeeping; returns the re-derived items, which the state
+    /// now follows (the caller compares them with the record's).
+    pub fn redraw(&mut self, draw: &DrawRecord) -> Result<Vec<u32>, StateError> {
+        if draw.request_id > self.reserved_ids {
+            return Err(StateError::Unreserved(draw.request_id));
+        }
+        let Some(epoch) = &self.epoch else {
+            return Err(StateError::NoEpoch(draw.request_id));
+        };
+        let mut rng = epoch.key.stream(draw.request_id);
+        let Some(slot) = self.pools.get_mut(draw.pool_index as usize) else {
+            return Err(StateError::UnknownPool {
+                request_id: draw.request_id,
+                pool_index: draw.pool_index,
+            });
+        };
+        let mut items = Vec::with_capacity(draw.count as usize);
+        slot.pool.draw(draw.count, &mut rng, &mut items);
+        let key = draw.message_id.as_deref().map(message_key);
+        let outcome = self.outcome(
+            draw.request_id,
+            draw.pool_index,
+            &draw.user,
+            draw.count,
+            &items,
+        );
+        self.commit_draw(key, outcome)?;
+        Ok(items)
+    }
+
     fn outcome(
         &self,
         request_id: u64,
@@ -289,6 +343,9 @@ impl State {
             });
         }
         self.last_drawn_id = outcome.request_id;
+        if let Some(epoch) = &mut self.epoch {
+            epoch.draws += 1;
+        }
         if let Some(key) = key {
             let request_id = outcome.request_id;
             if !self.window.try_insert(key, outcome) {

@@ -54,6 +54,11 @@ pub trait Storage: Debug + Send + Sync + 'static {
     /// The names of the files in `dir` (a missing directory: `NotFound`).
     fn list(&self, dir: &Path) -> io::Result<Vec<(String, PathBuf)>>;
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// The file's length in bytes.
+    fn len(&self, path: &Path) -> io::Result<u64>;
+    /// The directory and its files become the owner's alone (0700, 0600): the WAL and the
+    /// snapshots hold draw epoch secrets; files written before this rule get it here.
+    fn restrict_to_owner(&self, dir: &Path) -> io::Result<()>;
 }
 
 /// `std::fs`.
@@ -85,10 +90,13 @@ impl StorageFile for File {
 
 impl Storage for RealStorage {
     fn create(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Owner only: segments and snapshots hold epoch secrets.
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
+            .mode(0o600)
             .open(path)?;
         Ok(Box::new(file))
     }
@@ -122,5 +130,20 @@ impl Storage for RealStorage {
     }
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
         fs::create_dir_all(dir)
+    }
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        Ok(fs::metadata(path)?.len())
+    }
+    fn restrict_to_owner(&self, dir: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+                fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        Ok(())
     }
 }

@@ -306,6 +306,7 @@ impl SegmentWriter {
     /// `create` through `fs`.
     pub fn create_in(fs: &dyn Storage, dir: &Path, first_seq: u64) -> io::Result<SegmentWriter> {
         let path = dir.join(segment_file_name(first_seq));
+        // Owner only (Storage::create): segments hold the epoch secrets (src/epoch.rs).
         let mut file = fs.create(&path)?;
         file.sync_all()?;
         fs.sync_dir(dir)?;

@@ -58,11 +58,33 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
 async fn open_session(
     cfg: &Arc<AmqpConfig>,
     epoch: u64,
+    pool_ids: &[String],
+    released: &[String],
 ) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
+    match start_session(&link, cfg, epoch, pool_ids, released).await {
+        Ok((session, consumer)) => Ok((link, session, consumer)),
+        Err(e) => {
+            // Close explicitly: the locks taken so far (request queue, earlier pools) must
+            // not outlive a session that never consumed.
+            close_link(&link, cfg).await;
+            Err(e)
+        }
+    }
+}
+
+/// Declares, takes the locks (request queue, then each served pool with its binding), removes
+/// the bindings of pools it no longer serves (`released`), and consumes, on a fresh connection.
+async fn start_session(
+    link: &Link,
+    cfg: &Arc<AmqpConfig>,
+    epoch: u64,
+    pool_ids: &[String],
+    released: &[String],
+) -> Result<(Arc<Session>, Consumer), AmqpError> {
     // Listened to from the start: a connection.blocked can come at any time.
     let events = link.connection.events_listener();
-    amqp::declare(&link, cfg).await?;
+    amqp::declare(link, cfg).await?;
     // The broker lock on the request queue, before consuming, on every session.
     amqp::take_lock(
         &link.lock,
@@ -71,15 +93,25 @@ async fn open_session(
         cfg.operation_timeout_ms,
     )
     .await?;
+    // With amqp.exchange: the routing topology, then each served pool's lock and binding, on
+    // every session, before consuming (the broker freed the locks with the old connection).
+    amqp::declare_routing(&link.consume, cfg).await?;
+    for pool in pool_ids {
+        amqp::own_pool(&link.lock, &link.consume, cfg, pool).await?;
+    }
+    for pool in released {
+        amqp::release_pool(&link.consume, cfg, pool).await?;
+    }
     let session = Arc::new(Session::new(
         epoch,
         link.consume.clone(),
         link.publish.clone(),
+        link.lock.clone(),
         cfg.clone(),
     ));
     tokio::spawn(watch_events(Arc::downgrade(&session), events));
     let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
-    Ok((link, session, consumer))
+    Ok((session, consumer))
 }
 
 /// Drains the connection's events (lapin queues them unbounded): connection.blocked and
@@ -194,6 +226,17 @@ async fn run_inner(
             })
             .collect(),
     };
+    // Pools in the durable state that this worker does not serve (removed from its config:
+    // moved to another shard): their old bindings are removed on every session.
+    let released: Vec<String> = state
+        .pools
+        .iter()
+        .map(|slot| slot.id.to_string())
+        .filter(|id| !pools.index.contains_key(id))
+        .collect();
+    if !released.is_empty() && !cfg.exchange.is_empty() {
+        tracing::info!(pools = ?released, "pools in the state but not served (not in the config): not bound on the routing exchange");
+    }
     let window = Admission::<Ticket>::window_of(&state);
     let (mut engine, committed) = Engine::<Ticket>::start(
         state,
@@ -238,7 +281,9 @@ async fn run_inner(
             break;
         }
         epoch += 1;
-        let (link, session, consumer) = match open_session(&cfg, epoch).await {
+        let (link, session, consumer) = match open_session(&cfg, epoch, &pools.ids(), &released)
+            .await
+        {
             Ok(v) => v,
             Err(AmqpError::LockHeld(held))
                 if lost_at.is_some_and(|t| t.elapsed() < LOCK_REGAIN_MAX) =>

@@ -57,6 +57,10 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     config
         .storage_extra
         .push("snapshot_every_records = 10000000".into());
+    // Every run's WAL kept after the snapshots, so `audit` at the end re-derives every draw.
+    config
+        .storage_extra
+        .push("wal_retain_bytes = 1000000000".into());
     let setup = Setup::new("crash", config);
     let names = setup.names.clone();
     let mut draws: BTreeMap<u64, String> = BTreeMap::new();
@@ -241,6 +245,26 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     let inspect = setup.check_conservation(outcomes.values());
     let max_id = accepted.values().flatten().max().copied().unwrap_or(0);
     assert!(inspect["last_request_id"].as_u64().unwrap() >= max_id);
+    // `rewardpool audit` re-derives every retained draw of the SIGKILLed runs.
+    let audit = std::process::Command::new(env!("CARGO_BIN_EXE_rewardpool"))
+        .args(["audit", "--config"])
+        .arg(&setup.config_path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run rewardpool audit");
+    let summary: serde_json::Value = serde_json::from_slice(&audit.stdout).expect("audit JSON");
+    assert!(
+        audit.status.success(),
+        "audit: {summary} {}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    assert_eq!(summary["mismatches"], 0);
+    assert_eq!(
+        summary["verified_draws"].as_u64().unwrap(),
+        draws.len() as u64,
+        "{summary}"
+    );
+    assert_eq!(summary["first_request_id"], 1, "{summary}");
 
     drop((results, replies));
     names.delete(&conn).await;

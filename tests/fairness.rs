@@ -24,7 +24,9 @@ use rewardpool::seed::PoolSeed;
 fn critical_value_p001(degrees_of_freedom: usize) -> f64 {
     match degrees_of_freedom {
         2 => 13.816,
+        9 => 27.877,
         59 => 98.324,
+        99 => 148.230,
         999 => 1142.848,
         other => panic!("no critical value recorded for df {other}"),
     }
@@ -244,5 +246,52 @@ fn million_items_by_quantity_is_uniform() {
         "1M items by_quantity, half drawn, 1000 buckets (finite-population corrected)",
         chi_square(&observed, &expected) / correction,
         BUCKETS - 1,
+    );
+}
+
+/// The engine's path: one stream per request, `DrawKey(epoch secret).stream(request_id)`, over
+/// 10 epochs of 20,000 consecutive requests. Ten equally weighted unlimited items: each epoch's
+/// outcomes are uniform (df 9), and the pairs (outcome of request r, outcome of request r + 1)
+/// are uniform over the 100 cells (df 99), which they are not if consecutive requests' streams
+/// are correlated (e.g. a stream that ignored the request ID would put every pair on the
+/// diagonal).
+#[test]
+fn per_request_streams_are_uniform_across_epochs_and_uncorrelated() {
+    use rewardpool::epoch::{DrawKey, test_secret};
+    let items: Vec<(String, Option<u64>, Option<u64>)> =
+        (0..10).map(|i| (format!("i{i}"), None, Some(7))).collect();
+    let mut pool = Pool::seed(&PoolSeed::from_parts("uniform", Mode::ByWeight, &items)).unwrap();
+    let requests_per_epoch = 20_000u64;
+    let mut pairs = vec![0u64; 100];
+    let mut total = vec![0u64; 10];
+    let mut out = Vec::with_capacity(1);
+    let mut previous: Option<u32> = None;
+    for epoch in 1..=10u64 {
+        let key = DrawKey::new(&test_secret(0x5eed_0006, epoch));
+        let mut counts = vec![0u64; 10];
+        for r in 0..requests_per_epoch {
+            let request_id = (epoch - 1) * requests_per_epoch + r + 1;
+            out.clear();
+            pool.draw(1, &mut key.stream(request_id), &mut out);
+            let item = out[0];
+            counts[item as usize] += 1;
+            if let Some(p) = previous {
+                pairs[p as usize * 10 + item as usize] += 1;
+            }
+            previous = Some(item);
+        }
+        let expected = [requests_per_epoch as f64 / 10.0; 10];
+        assert_fits(&format!("epoch {epoch}"), chi_square(&counts, &expected), 9);
+        for (t, c) in total.iter_mut().zip(&counts) {
+            *t += c;
+        }
+    }
+    let n: u64 = total.iter().sum();
+    assert_fits("all epochs", chi_square(&total, &[n as f64 / 10.0; 10]), 9);
+    let n_pairs: u64 = pairs.iter().sum();
+    assert_fits(
+        "consecutive pairs",
+        chi_square(&pairs, &[n_pairs as f64 / 100.0; 100]),
+        99,
     );
 }

@@ -3,7 +3,10 @@
 //! - quantities never go negative and initial = remaining + issued;
 //! - a message_id is drawn at most once; repeats return the first outcome;
 //! - recovery from snapshot + WAL at ANY batch boundary equals the state in memory at that
-//!   point (the model: config minus the items of every draw committed up to that batch).
+//!   point (the model: config minus the items of every draw committed up to that batch);
+//! - epochs: the recovered epoch number at every cut is the model's (a new epoch at every
+//!   session's first draw and after every `seed_epoch_records` draws), and `audit` of every cut
+//!   re-derives exactly the draws committed up to it, without a mismatch.
 
 use common::*;
 use proptest::prelude::*;
@@ -32,14 +35,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// (batch seq, pool, item names) of every new draw, in order.
-type Drawn = Vec<(u64, u32, Vec<String>)>;
+/// (batch seq, pool, item names, session) of every new draw, in order.
+type Drawn = Vec<(u64, u32, Vec<String>, usize)>;
 
 fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
     let mut drawn: Drawn = Vec::new();
     let mut first_outcome: HashMap<String, (u64, Vec<String>)> = HashMap::new();
     let mut drawn_keys = std::collections::HashSet::new();
-    for session in ops.split(|o| matches!(o, Op::Restart)) {
+    for (session_index, session) in ops.split(|o| matches!(o, Op::Restart)).enumerate() {
         let recovered = rewardpool::recovery::recover(config, true).expect("recovers");
         let window = Admission::<()>::window_of(&recovered.state);
         let (mut engine, mut committed) = Engine::<()>::start(
@@ -104,7 +107,7 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
                         outcome.user
                     );
                 }
-                drawn.push((seq, pool, items.clone()));
+                drawn.push((seq, pool, items.clone(), session_index));
                 first_outcome.insert(
                     format!("id-{}", outcome.request_id),
                     (outcome.request_id, items),
@@ -113,6 +116,24 @@ fn run_ops(config: &rewardpool::config::Config, ops: &[Op]) -> Drawn {
         }
     }
     drawn
+}
+
+/// The epoch number after the draws committed in batches <= `seq`: a new epoch at each
+/// session's first draw and before every `per_epoch`-th draw after it.
+fn model_epoch(drawn: &Drawn, seq: u64, per_epoch: u64) -> u64 {
+    let (mut epoch, mut in_epoch, mut session) = (0u64, 0u64, None);
+    for (s, _, _, sess) in drawn {
+        if *s > seq {
+            break;
+        }
+        if session != Some(*sess) || in_epoch == per_epoch {
+            epoch += 1;
+            in_epoch = 0;
+            session = Some(*sess);
+        }
+        in_epoch += 1;
+    }
+    epoch
 }
 
 /// Remaining quantity per (pool, item) after the draws committed in batches <= `seq`.
@@ -127,7 +148,7 @@ fn model(
             out.insert((p.id.clone(), i.id.clone()), i.stock.quantity());
         }
     }
-    for (s, pool, items) in drawn {
+    for (s, pool, items, _) in drawn {
         if *s <= seq {
             for item in items {
                 let pool_id = config.pools[*pool as usize].id.clone();
@@ -208,6 +229,7 @@ proptest! {
         config.storage.batch_records_max = 3;
         config.storage.id_block_size = 6;
         config.storage.segment_bytes_max = 512;
+        config.storage.seed_epoch_records = 4;
 
         let drawn = run_ops(&config, &ops);
         let (last_seq, final_state) = recovered_quantities(&config, &data);
@@ -224,6 +246,19 @@ proptest! {
             let (recovered_seq, state) = recovered_quantities(&config, &cut);
             prop_assert_eq!(recovered_seq, *seq);
             prop_assert_eq!(&state, &model(&config, &drawn, *seq), "cut after batch {}", seq);
+            let (recovered, _) = rewardpool::recovery::load(&cut, 1000).unwrap();
+            prop_assert_eq!(
+                recovered.epoch.as_ref().map_or(0, |e| e.number),
+                model_epoch(&drawn, *seq, 4),
+                "epoch after batch {}", seq
+            );
+            let audit = rewardpool::audit::audit(&cut, 1000, None, false).unwrap();
+            prop_assert_eq!(audit.mismatches, 0, "audit of the cut after batch {}: {:?}", seq, audit.first_mismatch);
+            prop_assert_eq!(
+                audit.verified_draws,
+                drawn.iter().filter(|d| d.0 <= *seq).count() as u64,
+                "draws verified after batch {}", seq
+            );
             fs::remove_dir_all(&cut).unwrap();
         }
     }

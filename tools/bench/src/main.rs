@@ -1,9 +1,12 @@
 //! The `rewardpool-bench` binary: command line and logging around [`bench`].
 //!
 //! `cargo run --release -p rewardpool-bench -- [--requests N] [--concurrency C | --rate R]
-//! [--target compare|embedded|external|ceiling] [--queue-type classic|quorum]`.
+//! [--target compare|embedded|external|ceiling] [--queue-type classic|quorum]`, or
+//! `-- --shards A.toml,B.toml [--requests N] [--concurrency C]` for running shards (see
+//! [`shards`]).
 
 mod bench;
+mod shards;
 
 use clap::Parser;
 use rewardpool::config::Config;
@@ -42,6 +45,11 @@ struct BenchArgs {
     /// Give up when no reply arrived for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     timeout: u64,
+    /// Drive these RUNNING workers (their config files, comma-separated, one routing exchange)
+    /// through the exchange: first the first worker alone, then all of them; per-worker and
+    /// total throughput and the broker's CPU per request. --requests is per phase.
+    #[arg(long, value_name = "FILES", value_delimiter = ',')]
+    shards: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +60,21 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if !args.shards.is_empty() {
+        let options = shards::ShardsOptions {
+            configs: args.shards,
+            requests: args.requests,
+            concurrency: args.concurrency,
+            idle_timeout: std::time::Duration::from_secs(args.timeout),
+        };
+        return match shards::run(options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let result = Config::load(args.config.as_deref())
         .map_err(anyhow::Error::from)
         .and_then(|config| {
