@@ -344,6 +344,24 @@ pub fn unrouted_queue_name(exchange: &str) -> String {
     format!("{exchange}.unrouted")
 }
 
+/// The queues the worker itself consumes, declares or owns: request, result, dead-letter and
+/// admin queues, the request queue's lock and, with a routing exchange, its unrouted queue. No
+/// reply ever goes to one of them (it would be consumed again, or pollute results or dead
+/// letters). Computed once per worker, not per delivery.
+pub fn own_queues(cfg: &AmqpConfig) -> Vec<String> {
+    let mut own = vec![
+        cfg.request_queue.clone(),
+        cfg.result_queue.clone(),
+        cfg.dead_letter_queue.clone(),
+        cfg.admin_queue.clone(),
+        lock_queue_name(&cfg.request_queue),
+    ];
+    if !cfg.exchange.is_empty() {
+        own.push(unrouted_queue_name(&cfg.exchange));
+    }
+    own
+}
+
 /// The name of the per-pool broker lock (its exclusive queue is this plus `.lock`). It carries
 /// the exchange's name: one routing exchange is one set of shards.
 pub fn pool_lock_name(exchange: &str, pool: &str) -> String {
@@ -518,6 +536,28 @@ async fn declare_queue(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn own_queues_name_every_queue_of_the_worker() {
+        let mut cfg = crate::config::Config::builtin().amqp;
+        let own = super::own_queues(&cfg);
+        for q in [
+            "rewardpool.requests",
+            "rewardpool.results",
+            "rewardpool.dead",
+        ] {
+            assert!(own.iter().any(|o| o == q), "{q} missing from {own:?}");
+        }
+        assert!(own.contains(&"rewardpool.admin".to_string()), "{own:?}");
+        assert!(
+            own.contains(&"rewardpool.requests.lock".to_string()),
+            "{own:?}"
+        );
+        assert!(!own.iter().any(|o| o.ends_with(".unrouted")), "{own:?}");
+        cfg.exchange = "rp".into();
+        assert!(super::own_queues(&cfg).contains(&"rp.unrouted".to_string()));
+    }
+
     /// The build must use the patched amq-protocol-types in `vendor/` (see README,
     /// "Dependencies"). Cargo only warns when a `[patch]` stops applying (e.g. lapin moves to a
     /// newer amq-protocol-types): the registry crate then fails the connection on a non-UTF-8

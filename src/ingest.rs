@@ -43,6 +43,8 @@ pub enum IngestEnd {
 pub struct Pools {
     pub default_pool: String,
     pub index: HashMap<String, u32>,
+    /// `amqp::own_queues`: where no reply may go.
+    pub own_queues: Vec<String>,
 }
 
 impl Pools {
@@ -160,17 +162,7 @@ async fn handle(
     let mid = message_id.as_ref().map(|m| m.as_str());
     let key = mid.map(message_key);
     let cfg = &session.cfg;
-    let lock_queue = crate::amqp::lock_queue_name(&cfg.request_queue);
-    let unrouted = crate::amqp::unrouted_queue_name(&cfg.exchange);
-    let mut own_queues = vec![
-        cfg.request_queue.as_str(),
-        cfg.result_queue.as_str(),
-        cfg.dead_letter_queue.as_str(),
-        lock_queue.as_str(),
-    ];
-    if !cfg.exchange.is_empty() {
-        own_queues.push(unrouted.as_str());
-    }
+    let own_queues = &pools.own_queues;
     // Through the routing exchange the routing key is the pool the producer named (and the
     // one the broker picked this worker for); published to the queue by name there is none.
     let routed_pool = (!cfg.exchange.is_empty() && delivery.exchange.as_str() == cfg.exchange)
@@ -187,7 +179,7 @@ async fn handle(
         admission,
         pools,
         &request_props,
-        &own_queues,
+        own_queues,
         routed_pool,
         &delivery.data,
     ) {
@@ -202,7 +194,7 @@ async fn handle(
                 "request rejected to the dead-letter queue"
             );
             if let Some(reply_to) = &reply_to
-                && message::reply_allowed(reply_to.as_str(), &own_queues)
+                && message::reply_allowed(reply_to.as_str(), own_queues)
             {
                 let confirm = session
                     .publish(
@@ -291,7 +283,7 @@ fn admit<T>(
     admission: &Admission<T>,
     pools: &Pools,
     props: &message::RequestProps,
-    own_queues: &[&str],
+    own_queues: &[String],
     routed_pool: Option<&str>,
     body: &[u8],
 ) -> Result<Admit, String> {
@@ -342,6 +334,7 @@ mod tests {
         Pools {
             default_pool: "default".into(),
             index: HashMap::from([("default".into(), 0), ("spin".into(), 1)]),
+            own_queues: Vec::new(),
         }
     }
 

@@ -61,8 +61,10 @@ pub struct RequestProps<'a> {
 /// (`own_queues`: request, result, dead-letter, admin), where it would be consumed again as a
 /// request, pollute the result stream or the dead letters; not to a name that reached us
 /// mangled (U+FFFD: the producer's queue has another name).
-pub fn reply_allowed(reply_to: &str, own_queues: &[&str]) -> bool {
-    !reply_to.is_empty() && !reply_to.contains('\u{FFFD}') && !own_queues.contains(&reply_to)
+pub fn reply_allowed<Q: AsRef<str>>(reply_to: &str, own_queues: &[Q]) -> bool {
+    !reply_to.is_empty()
+        && !reply_to.contains('\u{FFFD}')
+        && !own_queues.iter().any(|q| q.as_ref() == reply_to)
 }
 
 /// Checks every property a producer controls, before the repeat lookup and the body: the
@@ -70,7 +72,7 @@ pub fn reply_allowed(reply_to: &str, own_queues: &[&str]) -> bool {
 /// used mangled); a `reply_to` naming one of the worker's own queues; a `type` of the worker's
 /// own messages; a body encoding (`content_encoding` other than identity, a charset other than
 /// UTF-8) under which the bytes would read differently.
-pub fn check_properties(p: &RequestProps, own_queues: &[&str]) -> Result<(), String> {
+pub fn check_properties<Q: AsRef<str>>(p: &RequestProps, own_queues: &[Q]) -> Result<(), String> {
     check_message_id(p.message_id)?;
     if p.correlation_id.is_some_and(|c| c.contains('\u{FFFD}')) {
         return Err("correlation_id is not valid UTF-8 (or contains U+FFFD)".into());
@@ -79,7 +81,7 @@ pub fn check_properties(p: &RequestProps, own_queues: &[&str]) -> Result<(), Str
         if r.contains('\u{FFFD}') {
             return Err("reply_to is not valid UTF-8 (or contains U+FFFD)".into());
         }
-        if own_queues.contains(&r) {
+        if own_queues.iter().any(|q| q.as_ref() == r) {
             return Err(format!(
                 "reply_to {:?} is one of the worker's own queues",
                 truncate(r, 128)

@@ -225,6 +225,7 @@ async fn run_inner(
                 (p.id.clone(), index)
             })
             .collect(),
+        own_queues: amqp::own_queues(&config.amqp),
     };
     // Pools in the durable state that this worker does not serve (removed from its config:
     // moved to another shard): their old bindings are removed on every session.
