@@ -238,7 +238,7 @@ async fn readyz_follows_the_broker_session_and_reconnects() {
         .await;
     wait_readyz(&addr, 200, Duration::from_secs(30)).await;
     let name = format!("rewardpool worker {}", worker.pid());
-    close_connection_named(&name);
+    close_connection_named(&name, "test: reconnect");
     // Between the close and the next session /readyz answers 503 "reconnecting" (the session
     // ends, the link closes, the backoff of at least 50 ms passes).
     wait_until(
@@ -281,28 +281,6 @@ async fn readyz_follows_the_broker_session_and_reconnects() {
     );
     assert!(!log.contains(" ERROR "), "{log}");
     setup.names.delete(&conn).await;
-}
-
-/// Closes the broker connection whose client-provided name is `name` (this test's worker only).
-fn close_connection_named(name: &str) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .expect("run rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text
-        .lines()
-        .find_map(|l| {
-            let end = l.find('>')?;
-            l.contains(&format!("{{\"connection_name\",\"{name}\"}}"))
-                .then(|| l[..=end].trim().to_owned())
-        })
-        .unwrap_or_else(|| panic!("no connection named {name:?} in {text}"));
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &pid, "test: reconnect"])
-        .status()
-        .expect("run rabbitmqctl");
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

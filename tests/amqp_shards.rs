@@ -627,28 +627,6 @@ async fn a_pool_moves_to_another_shard_with_what_is_left() {
     delete_routing(&conn, &ex).await;
 }
 
-/// Closes the broker connection whose client-provided name is `name` (this test's worker only).
-fn close_connection_named(name: &str) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .expect("run rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text
-        .lines()
-        .find_map(|l| {
-            let end = l.find('>')?;
-            l.contains(&format!("{{\"connection_name\",\"{name}\"}}"))
-                .then(|| l[..=end].trim().to_owned())
-        })
-        .unwrap_or_else(|| panic!("no connection named {name:?} in {text}"));
-    let status = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &pid, "test: lost session"])
-        .status()
-        .expect("run rabbitmqctl");
-    assert!(status.success());
-}
-
 /// The race of the README: the owner's connection drops, the broker frees its locks, and a
 /// worker with the same pool (another data directory) takes the pool in the gap. The first
 /// worker, back on the broker, must not consume beside it: it says why and waits (it stops for
@@ -676,7 +654,10 @@ async fn after_a_lost_session_a_pool_taken_meanwhile_stops_consuming_with_the_re
         vec![PoolSpec::new("rp", &[("gold", 100)])],
     );
     let mut wa = a.start_ready(&conn, &[]).await;
-    close_connection_named(&format!("rewardpool worker {}", wa.pid()));
+    close_connection_named(
+        &format!("rewardpool worker {}", wa.pid()),
+        "test: lost session",
+    );
     let mut wc = c.start_ready(&conn, &[]).await;
 
     wait_until("the first worker to say why it waits", WAIT, async || {

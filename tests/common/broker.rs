@@ -327,6 +327,21 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Closes the one broker connection whose client-provided name is `name` (a test's own worker:
+/// `rewardpool worker <pid>`), through `rabbitmqctl`: a lost session for that worker only.
+pub fn close_connection_named(name: &str, reason: &str) {
+    let text = rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let pid = text
+        .lines()
+        .find_map(|l| {
+            let end = l.find('>')?;
+            l.contains(&format!("{{\"connection_name\",\"{name}\"}}"))
+                .then(|| l[..=end].trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("no connection named {name:?} in {text}"));
+    rabbitmqctl(&["-q", "close_connection", &pid, reason]);
+}
+
 /// Logs progress of a long test to stderr (shown by nextest on failure).
 pub fn note(msg: impl AsRef<str>) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
