@@ -36,13 +36,22 @@ pub struct InspectEpoch {
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct InspectPool {
     pub id: String,
+    pub mode: crate::seed::Mode,
+    /// No admin command can close a pool yet (issue 7): always `false` for now.
+    pub closed: bool,
     pub items: Vec<InspectItem>,
 }
 
+/// The contract's item: `quantity` left, `issued` ever drawn, `stocked` ever put in (`null`
+/// for an unlimited item), `weight` (`null` in a `by_quantity` pool). `stocked = quantity +
+/// issued` for every limited item.
 #[derive(Serialize, Debug, PartialEq, Eq)]
 pub struct InspectItem {
     pub id: String,
     pub quantity: Option<u64>,
+    pub issued: u64,
+    pub stocked: Option<u64>,
+    pub weight: Option<u64>,
 }
 
 /// The recovered state as the contract's `inspect` JSON. Pools and items keep the config's
@@ -83,11 +92,16 @@ pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, Recove
         }
         pools.push(InspectPool {
             id: slot.id.to_string(),
+            mode: slot.pool.mode(),
+            closed: false,
             items: idx
                 .into_iter()
                 .map(|i| InspectItem {
                     id: items[i].id.clone(),
                     quantity: items[i].quantity,
+                    issued: items[i].issued,
+                    stocked: items[i].initial,
+                    weight: items[i].weight,
                 })
                 .collect(),
         });

@@ -317,8 +317,14 @@ fn inspect_on_an_empty_or_missing_data_dir_shows_the_config() {
     assert_eq!(
         v,
         serde_json::json!({"pools": [
-            {"id": "default", "items": [{"id": "gold", "quantity": 40}, {"id": "silver", "quantity": 400}, {"id": "bronze", "quantity": 4000}]},
-            {"id": "spin", "items": [{"id": "car", "quantity": 3}, {"id": "voucher", "quantity": 150}, {"id": "try_again", "quantity": null}]}
+            {"id": "default", "mode": "by_quantity", "closed": false, "items": [
+                {"id": "gold", "quantity": 40, "issued": 0, "stocked": 40, "weight": null},
+                {"id": "silver", "quantity": 400, "issued": 0, "stocked": 400, "weight": null},
+                {"id": "bronze", "quantity": 4000, "issued": 0, "stocked": 4000, "weight": null}]},
+            {"id": "spin", "mode": "by_weight", "closed": false, "items": [
+                {"id": "car", "quantity": 3, "issued": 0, "stocked": 3, "weight": 1},
+                {"id": "voucher", "quantity": 150, "issued": 0, "stocked": 150, "weight": 99},
+                {"id": "try_again", "quantity": null, "issued": 0, "stocked": null, "weight": 900}]}
         ], "last_request_id": 0})
     );
     assert!(!data.exists(), "inspect creates nothing");
