@@ -812,7 +812,7 @@ impl From<&Config> for RawConfig {
 
 /// Every rule on section values but [`INTS`], in order; the first broken one is the error.
 fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> {
-    let (amqp, max) = (&raw.amqp, AMQP_NAME_BYTES_MAX);
+    let (amqp, bytes_max) = (&raw.amqp, AMQP_NAME_BYTES_MAX);
     let mut problems: Vec<(String, Option<String>)> = Vec::new();
     let mut check = |key: &str, problem: Option<String>| problems.push((key.to_owned(), problem));
     let scheme = match amqp.url.split_once("://") {
@@ -838,20 +838,20 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
     }
     let (dlx, exchange) = (&amqp.dead_letter_exchange, &amqp.exchange);
     let derived = format!(
-        "the derived name \"<request_queue>.dlx\" is longer than {max} bytes; set amqp.dead_letter_exchange"
+        "the derived name \"<request_queue>.dlx\" is longer than {bytes_max} bytes; set amqp.dead_letter_exchange"
     );
-    let derived = (amqp.dead_letter_exchange_name().len() > max).then_some(derived);
+    let derived = (amqp.dead_letter_exchange_name().len() > bytes_max).then_some(derived);
     let dlx = match dlx.is_empty() {
         true => derived,
         false => amqp_name_problem(dlx, "exchange name"),
     };
     check("amqp.dead_letter_exchange", dlx);
     // The worker also declares, per pool, the lock queue `<exchange>.pool.<pool id>.lock`.
-    let room = max - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
+    let room_bytes = bytes_max - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
     let locks = format!(
-        "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {room} bytes)"
+        "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {room_bytes} bytes)"
     );
-    let locks = (exchange.len() > room).then_some(locks);
+    let locks = (exchange.len() > room_bytes).then_some(locks);
     let exchange_problem = amqp_name_problem(exchange, "exchange name").or(locks);
     check(
         "amqp.exchange",
@@ -882,8 +882,8 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
         let bytes = user.len();
         let problem = match bytes {
             0 => Some("a user name must not be empty".to_owned()),
-            _ => (bytes > max)
-                .then(|| format!("user name is {bytes} bytes long, at most {max} allowed")),
+            _ => (bytes > bytes_max)
+                .then(|| format!("user name is {bytes} bytes long, at most {bytes_max} allowed")),
         };
         check(&format!("admin.allowed_users[{index}]"), problem);
     }
@@ -980,15 +980,15 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
 
 /// Why `name` is not a valid queue/exchange name, if it is not.
 fn amqp_name_problem(name: &str, what: &str) -> Option<String> {
-    let (bytes, max) = (name.len(), AMQP_NAME_BYTES_MAX);
+    let (bytes, bytes_max) = (name.len(), AMQP_NAME_BYTES_MAX);
     let reserved = format!(
         "{what} {:?} starts with \"amq.\", which the broker reserves",
         shorten(name)
     );
     match bytes {
         0 => Some(format!("{what} must not be empty")),
-        _ if bytes > max => Some(format!(
-            "{what} is {bytes} bytes long, at most {max} allowed"
+        _ if bytes > bytes_max => Some(format!(
+            "{what} is {bytes} bytes long, at most {bytes_max} allowed"
         )),
         _ => name.starts_with("amq.").then_some(reserved),
     }
