@@ -1,35 +1,28 @@
-//! Worker configuration: loading, defaults, environment overrides and validation.
+//! Worker configuration: defaults, the file, environment overrides, validation.
 //!
-//! The configuration is a TOML file read with the `config` crate. Every key can be
-//! overridden from the environment with the prefix `REWARDPOOL__` and `__` between levels
-//! (`REWARDPOOL__AMQP__URL`, `REWARDPOOL__POOLS__1__ITEMS__0__QUANTITY`). Without a file the
-//! worker runs on [`Config::builtin`].
-//!
-//! Two types, two stages:
-//!
-//! * [`RawConfig`] is what serde reads (`deny_unknown_fields`: an unknown key is an error);
-//!   quantities and weights are signed there so that a negative value reaches the rules.
-//! * [`Config`] is what the worker gets: every rule checked, pools as [`PoolSeed`]s (stock is
-//!   [`Stock`], never a signed number). [`RawConfig::validate`] is the only way from one to the
-//!   other; the pool and item rules themselves live in [`crate::seed`] and know no file.
-//!
-//! Loading: `config` layers the built-in pools (no file) or the file, then one override per
-//! environment variable. The variables are checked by one small walk over the key schema
-//! (taken from the serde structs themselves, no hand-kept key lists): a numeric segment
-//! indexes an array, so the environment can edit pool entries or append one at the end.
-//! Values stay strings (`"007"` stays `"007"`); integers are parsed by `strict_int`, which
-//! also rejects the floats and booleans `config` would round or turn into 0/1.
+//! The `config` crate layers [`DEFAULTS_TOML`] and the file (no file: the built-in pool). On
+//! the result, a JSON tree, two small walks: environment overrides (`REWARDPOOL__AMQP__URL`,
+//! `REWARDPOOL__POOLS__1__ITEMS__0__QUANTITY`: a numeric level indexes an array, one past its
+//! end appends an entry; values stay strings) and the integer keys of [`INTS`] (decimal
+//! strings become numbers, floats and booleans are refused, bounds are checked). Serde reads
+//! [`RawConfig`] (`deny_unknown_fields`) through `config`'s deserializer, which names the key
+//! of a bad value; [`RawConfig::validate`] makes the [`Config`] the worker runs on, pools as
+//! [`PoolSeed`]s under the rules of [`crate::seed`].
 //!
 //! Errors name the key path (`pools[1].items[2].weight`, indices 0-based), the pool and item
-//! ids and the origin of the value: the file and line (from `toml`'s spans), the environment
-//! variable, or the built-in default. The AMQP password never appears in an error nor in the
-//! `Debug` of [`AmqpConfig`]; use [`AmqpConfig::url_redacted`] for logs.
+//! ids and the origin of the value: file and line (from `toml`'s spans), environment variable,
+//! or built-in default. The AMQP password never appears in an error nor in a `Debug`.
+//!
+//! Adding a key: a field in its section struct, its default in [`DEFAULTS_TOML`], a line in
+//! [`INTS`] if it is an integer, a check in `validate_sections` for anything else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use toml::de::DeValue;
 
 use crate::limits::{
     AMQP_NAME_BYTES_MAX, BATCH_RECORDS_MAX, CHANNEL_CAPACITY_MAX, CONFIG_POOLS_MAX,
@@ -40,65 +33,116 @@ use crate::limits::{
 pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
 use crate::seed::{RuleError, shorten as shorten_plain};
 
-/// Prefix of environment overrides (followed by [`ENV_SEPARATOR`]).
-pub const ENV_PREFIX: &str = "REWARDPOOL";
-/// Separator between the prefix and each level of an environment override.
-pub const ENV_SEPARATOR: &str = "__";
+/// Prefix of environment overrides; `__` also separates their levels.
+pub const ENV_PREFIX: &str = "REWARDPOOL__";
+
+/// Every key's default (the contract's), and what it means.
+pub const DEFAULTS_TOML: &str = r#"
+[amqp]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"  # amqp:// or amqps://; may hold a password
+request_queue = "rewardpool.requests"
+result_queue = "rewardpool.results"
+dead_letter_queue = "rewardpool.dead"
+admin_queue = "rewardpool.admin"  # admin commands (contract: Admin commands)
+prefetch = 1000                   # unacked deliveries in flight (basic_qos)
+queue_type = "quorum"             # or "classic": every queue the worker declares
+delivery_limit = 20               # quorum only: deliveries before the broker dead-letters
+connect_timeout_ms = 5000
+operation_timeout_ms = 10000
+reconnect_backoff_min_ms = 100
+reconnect_backoff_max_ms = 10000
+shutdown_deadline_ms = 30000
+dead_letter_exchange = ""         # "" = "<request_queue>.dlx"
+tls_ca_file = ""                  # PEM CA for amqps:// ("" = built-in roots)
+tls_cert_file = ""                # PEM client certificate and key: both or neither
+tls_key_file = ""
+exchange = ""                     # routing exchange of a sharded deployment ("" = none)
+
+[storage]
+data_dir = "data"
+dedupe_window = 100000            # drawn requests remembered for idempotency
+batch_records_max = 4096
+channel_capacity = 8192
+snapshot_every_records = 1000000
+segment_bytes_max = 67108864
+id_block_size = 65536
+seed_epoch_records = 1000000      # draws per epoch secret (src/epoch.rs)
+wal_retain_bytes = 0              # WAL kept for `audit` after snapshots (0 = none)
+# rng_seed = 7                    # fixed RNG seed, tests only (absent: from the OS)
+
+[admin]
+allowed_users = []                # broker users allowed; empty = any user the broker lets publish
+
+[metrics]
+listen = "127.0.0.1:9464"         # socket address of the HTTP endpoint; "" = off
+
+[log]
+format = "text"                   # or "json": one object per line
+"#;
 
 /// The built-in pool of the contract, used when no file is given.
 const BUILTIN_POOLS_TOML: &str = r#"
 [[pools]]
 id = "default"
 mode = "by_quantity"
-items = [
-  { id = "gold", quantity = 10 },
-  { id = "silver", quantity = 100 },
-  { id = "bronze", quantity = 1000 },
-]
+items = [{ id = "gold", quantity = 10 }, { id = "silver", quantity = 100 },
+         { id = "bronze", quantity = 1000 }]
 "#;
 
-// ---------------------------------------------------------------------------------------------
-// The types
+/// Integer keys (`[]`: any index) and their bounds, inclusive. A new integer key adds a line.
+#[rustfmt::skip]
+const INTS: &[(&str, i128, i128)] = &[
+    ("amqp.prefetch",                  PREFETCH_MIN as _, PREFETCH_MAX as _),
+    ("amqp.delivery_limit",            1, u32::MAX as _),
+    ("amqp.connect_timeout_ms",        1, TIMEOUT_MS_MAX as _),
+    ("amqp.operation_timeout_ms",      1, TIMEOUT_MS_MAX as _),
+    ("amqp.reconnect_backoff_min_ms",  1, TIMEOUT_MS_MAX as _),
+    ("amqp.reconnect_backoff_max_ms",  1, TIMEOUT_MS_MAX as _),
+    ("amqp.shutdown_deadline_ms",      1, SHUTDOWN_DEADLINE_MS_MAX as _),
+    ("storage.dedupe_window",          1, DEDUPE_WINDOW_MAX as _),
+    ("storage.batch_records_max",      1, BATCH_RECORDS_MAX as _),
+    ("storage.channel_capacity",       1, CHANNEL_CAPACITY_MAX as _),
+    ("storage.snapshot_every_records", 1, SNAPSHOT_EVERY_RECORDS_MAX as _),
+    ("storage.segment_bytes_max",      1, SEGMENT_BYTES_MAX as _),
+    ("storage.id_block_size",          1, ID_BLOCK_SIZE_MAX as _),
+    ("storage.seed_epoch_records",     1, SEED_EPOCH_RECORDS_MAX as _),
+    ("storage.wal_retain_bytes",       0, u64::MAX as _),
+    ("storage.rng_seed",               0, u64::MAX as _),
+    // Signed, so that negative values reach the rules of crate::seed.
+    ("pools[].items[].quantity",       i64::MIN as _, i64::MAX as _),
+    ("pools[].items[].weight",         i64::MIN as _, i64::MAX as _),
+];
 
 /// The whole configuration as read, before any rule is checked.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    #[serde(default)]
     pub amqp: AmqpConfig,
-    #[serde(default)]
     pub storage: StorageConfig,
-    #[serde(default)]
     pub admin: AdminConfig,
-    #[serde(default)]
     pub metrics: MetricsConfig,
-    #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
     pub pools: Vec<RawPool>,
 }
 
-/// One `[[pools]]` entry as read.
+/// One `[[pools]]` entry as read. Missing `items` reads as empty and fails as "no items".
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawPool {
     pub id: String,
     pub mode: Mode,
-    /// Missing `items` reads as empty and fails validation as "no items".
     #[serde(default)]
     pub items: Vec<RawItem>,
 }
 
-/// One item as read. Signed, so that negative values reach the rules.
+/// One item as read. Absent quantity: unlimited (by_weight pools only); weight: required in
+/// by_weight pools, forbidden in by_quantity pools.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawItem {
     pub id: String,
-    /// Absent: unlimited (only in `by_weight` pools).
-    #[serde(default, deserialize_with = "strict_int::opt")]
     pub quantity: Option<i64>,
-    /// Required in `by_weight` pools, forbidden in `by_quantity` pools.
-    #[serde(default, deserialize_with = "strict_int::opt")]
     pub weight: Option<i64>,
 }
 
@@ -114,110 +158,51 @@ pub struct Config {
     pub pools: Vec<PoolSeed>,
 }
 
-/// `[amqp]`: broker connection and broker objects.
+/// `[amqp]`: broker connection and broker objects (meanings: [`DEFAULTS_TOML`]).
 #[derive(Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct AmqpConfig {
-    /// `amqp://` or `amqps://` URL; may hold a password (see [`AmqpConfig::url_redacted`]).
     pub url: String,
     pub request_queue: String,
     pub result_queue: String,
     pub dead_letter_queue: String,
-    /// Admin commands (contract: Admin commands).
     pub admin_queue: String,
-    /// Unacked deliveries in flight (`basic_qos`).
-    #[serde(deserialize_with = "strict_int::int")]
     pub prefetch: u16,
     pub queue_type: QueueType,
-    /// Quorum queues only: deliveries before the broker dead-letters a request.
-    #[serde(deserialize_with = "strict_int::int")]
     pub delivery_limit: u32,
-    #[serde(deserialize_with = "strict_int::int")]
     pub connect_timeout_ms: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub operation_timeout_ms: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub reconnect_backoff_min_ms: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub reconnect_backoff_max_ms: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub shutdown_deadline_ms: u64,
-    /// Empty: derived as `<request_queue>.dlx` (see [`AmqpConfig::dead_letter_exchange_name`]).
     pub dead_letter_exchange: String,
-    /// PEM CA file for `amqps://` ("" = built-in roots).
     pub tls_ca_file: String,
-    /// PEM client certificate and key ("" = none; both or neither).
     pub tls_cert_file: String,
     pub tls_key_file: String,
-    /// Routing exchange of a sharded deployment ("" = none).
     pub exchange: String,
 }
 
-impl Default for AmqpConfig {
-    fn default() -> Self {
-        Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
-            request_queue: "rewardpool.requests".to_owned(),
-            result_queue: "rewardpool.results".to_owned(),
-            dead_letter_queue: "rewardpool.dead".to_owned(),
-            admin_queue: "rewardpool.admin".to_owned(),
-            prefetch: 1000,
-            queue_type: QueueType::Quorum,
-            delivery_limit: 20,
-            connect_timeout_ms: 5000,
-            operation_timeout_ms: 10_000,
-            reconnect_backoff_min_ms: 100,
-            reconnect_backoff_max_ms: 10_000,
-            shutdown_deadline_ms: 30_000,
-            dead_letter_exchange: String::new(),
-            tls_ca_file: String::new(),
-            tls_cert_file: String::new(),
-            tls_key_file: String::new(),
-            exchange: String::new(),
-        }
-    }
-}
-
 impl AmqpConfig {
-    /// The dead-letter exchange to declare: `dead_letter_exchange`, or
-    /// `<request_queue>.dlx` when that is empty.
+    /// The dead-letter exchange to declare: `dead_letter_exchange`, or `<request_queue>.dlx`.
     pub fn dead_letter_exchange_name(&self) -> String {
-        if self.dead_letter_exchange.is_empty() {
-            format!("{}.dlx", self.request_queue)
-        } else {
-            self.dead_letter_exchange.clone()
+        match self.dead_letter_exchange.as_str() {
+            "" => format!("{}.dlx", self.request_queue),
+            name => name.to_owned(),
         }
     }
 
     /// url with the password replaced by "***" for logs
     pub fn url_redacted(&self) -> String {
-        redact_url(&self.url)
+        redact_secrets(&self.url)
     }
 }
 
-/// Redacts the URL so that `{:?}` of a config never prints the password.
+/// Every field, with the URL's password redacted, so `{:?}` of a config never prints it.
 impl fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &self.url_redacted())
-            .field("request_queue", &self.request_queue)
-            .field("result_queue", &self.result_queue)
-            .field("dead_letter_queue", &self.dead_letter_queue)
-            .field("admin_queue", &self.admin_queue)
-            .field("prefetch", &self.prefetch)
-            .field("queue_type", &self.queue_type)
-            .field("delivery_limit", &self.delivery_limit)
-            .field("connect_timeout_ms", &self.connect_timeout_ms)
-            .field("operation_timeout_ms", &self.operation_timeout_ms)
-            .field("reconnect_backoff_min_ms", &self.reconnect_backoff_min_ms)
-            .field("reconnect_backoff_max_ms", &self.reconnect_backoff_max_ms)
-            .field("shutdown_deadline_ms", &self.shutdown_deadline_ms)
-            .field("dead_letter_exchange", &self.dead_letter_exchange)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
-            .field("exchange", &self.exchange)
-            .finish()
+        let mut fields = serde_json::to_value(self).map_err(|_| fmt::Error)?;
+        fields["url"] = self.url_redacted().into();
+        write!(f, "AmqpConfig {fields}")
     }
 }
 
@@ -256,111 +241,66 @@ text_enum!(
     LogFormat { Text = "text", Json = "json" }
 );
 
-/// `[storage]`: WAL, snapshots, idempotency.
+/// `[storage]`: WAL, snapshots, idempotency (meanings: [`DEFAULTS_TOML`]).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     pub data_dir: PathBuf,
-    /// Drawn requests remembered for idempotency.
-    #[serde(deserialize_with = "strict_int::int")]
     pub dedupe_window: usize,
-    #[serde(deserialize_with = "strict_int::int")]
     pub batch_records_max: usize,
-    #[serde(deserialize_with = "strict_int::int")]
     pub channel_capacity: usize,
-    #[serde(deserialize_with = "strict_int::int")]
     pub snapshot_every_records: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub segment_bytes_max: u64,
-    #[serde(deserialize_with = "strict_int::int")]
     pub id_block_size: u64,
-    /// Draws per epoch: a new draw secret from the OS after this many (src/epoch.rs).
-    #[serde(deserialize_with = "strict_int::int")]
     pub seed_epoch_records: u64,
-    /// WAL bytes kept after snapshots make them unnecessary for recovery, for `audit`
-    /// (0 = none, as before).
-    #[serde(deserialize_with = "strict_int::int")]
     pub wal_retain_bytes: u64,
-    /// Fixed RNG seed, for tests only. Absent: seeded from the OS.
-    #[serde(
-        deserialize_with = "strict_int::opt",
-        skip_serializing_if = "Option::is_none"
-    )]
     pub rng_seed: Option<u64>,
 }
 
-impl Default for StorageConfig {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("data"),
-            dedupe_window: 100_000,
-            batch_records_max: 4096,
-            channel_capacity: 8192,
-            snapshot_every_records: 1_000_000,
-            segment_bytes_max: 67_108_864,
-            id_block_size: 65_536,
-            seed_epoch_records: 1_000_000,
-            wal_retain_bytes: 0,
-            rng_seed: None,
-        }
-    }
-}
-
-/// `[admin]`: who may send admin commands.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+/// `[admin]`: broker users whose commands are applied; empty = any user the broker lets publish.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Broker users whose commands are applied; empty = any user the broker lets publish.
     pub allowed_users: Vec<String>,
 }
 
-/// `[metrics]`: the HTTP endpoint.
+/// `[metrics]`: the HTTP endpoint, a socket address (`127.0.0.1:9464`); "" = off.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// A socket address (`127.0.0.1:9464`); "" = off.
     pub listen: String,
 }
 
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:9464".to_owned(),
-        }
-    }
-}
-
-/// `[log]`.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+/// `[log]`: the format of the worker's log lines.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct LogConfig {
     pub format: LogFormat,
 }
-
-// ---------------------------------------------------------------------------------------------
-// Errors
 
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Origin {
     /// The config file; the line (1-based) when the key is in it.
-    File { path: PathBuf, line: Option<usize> },
-    /// An environment override.
-    Env { var: String },
-    /// The built-in default.
+    File {
+        path: PathBuf,
+        line: Option<usize>,
+    },
+    Env {
+        var: String,
+    },
     Default,
-    /// Not known (e.g. [`RawConfig::validate`] on a value built in code).
+    /// Not known ([`RawConfig::validate`] on a value built in code).
     Unknown,
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Origin::File {
-                path,
-                line: Some(line),
-            } => write!(f, " in {} line {line}", path.display()),
-            Origin::File { path, line: None } => write!(f, " in {}", path.display()),
+            Origin::File { path, line } => {
+                let line = line.map(|line| format!(" line {line}")).unwrap_or_default();
+                write!(f, " in {}{line}", path.display())
+            }
             Origin::Env { var } => write!(f, " from environment variable {var}"),
             Origin::Default => f.write_str(" (built-in default)"),
             Origin::Unknown => Ok(()),
@@ -373,72 +313,60 @@ impl fmt::Display for Origin {
 pub struct Location {
     /// Key path, e.g. `pools[1].items[2].weight`; indices are 0-based.
     pub key: String,
-    /// Id of the pool the key belongs to (shortened when very long).
+    /// Ids of the pool and item the key belongs to (shortened when very long).
     pub pool_id: Option<String>,
-    /// Id of the item the key belongs to (shortened when very long).
     pub item_id: Option<String>,
     pub origin: Origin,
 }
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}`", self.key)?;
-        if self.key.contains('[') {
-            f.write_str(" (indices 0-based")?;
-            if let Some(pool_id) = &self.pool_id {
-                write!(f, "; pool {pool_id:?}")?;
-            }
-            if let Some(item_id) = &self.item_id {
-                write!(f, ", item {item_id:?}")?;
-            }
-            f.write_str(")")?;
+        let id = |id: &Option<String>, what| id.as_ref().map(|id| format!("{what}{id:?}"));
+        let pool = id(&self.pool_id, "; pool ").unwrap_or_default();
+        let item = id(&self.item_id, ", item ").unwrap_or_default();
+        match self.key.contains('[') {
+            true => write!(
+                f,
+                "`{}` (indices 0-based{pool}{item}){}",
+                self.key, self.origin
+            ),
+            false => write!(f, "`{}`{}", self.key, self.origin),
         }
-        write!(f, "{}", self.origin)
     }
 }
 
 /// Everything that can be wrong with a configuration. Messages never contain the AMQP password.
+/// A cause is part of its message, never also a `source` (a chain would print it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {} not found", path.display())]
     FileNotFound { path: PathBuf },
-
-    #[error("cannot read config file {}: {source}", path.display())]
+    #[error("cannot read config file {}: {error}", path.display())]
     FileRead {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-
     /// TOML syntax error; `message` is the parser's.
-    #[error("syntax error in config file {}{}: {message}", path.display(), line_suffix(*line))]
+    #[error("syntax error in config file {}{}: {message}", path.display(),
+        line.map(|line| format!(" at line {line}")).unwrap_or_default())]
     Syntax {
         path: PathBuf,
         line: Option<usize>,
         message: String,
     },
-
     #[error("unknown config key {at}; known keys here: {known}")]
     UnknownKey { at: Box<Location>, known: String },
-
     #[error("missing config key {at}")]
     MissingKey { at: Box<Location> },
-
-    /// A value of the wrong type or format (e.g. a string where a number belongs).
     #[error("invalid value for {at}: {message}")]
     BadValue { at: Box<Location>, message: String },
-
-    /// An environment variable that cannot be applied.
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
-
     /// Anything else the `config` crate reports while loading.
     #[error("cannot load configuration: {message}")]
     Load { message: String },
-
     #[error("no pools configured{origin}: add at least one [[pools]] table")]
     NoPools { origin: Origin },
-
     /// A pool or item rule of [`crate::seed`], at a place in the configuration.
     #[error("{at}: {rule}{}", first.as_ref().map(|first| format!(", already used by {first}")).unwrap_or_default())]
     Rule {
@@ -447,27 +375,17 @@ pub enum ConfigError {
         /// For duplicate ids: where the id is first used.
         first: Option<Box<Location>>,
     },
-
-    #[error("{at}: {what} must be between {min} and {max}, got {value}")]
+    #[error("{at}: {what} is out of range: must be between {min} and {max}, got {value}")]
     OutOfRange {
         at: Box<Location>,
         what: String,
-        value: String,
-        min: String,
-        max: String,
+        value: i128,
+        min: i128,
+        max: i128,
     },
-
     #[error("{at}: {reason}")]
     InvalidValue { at: Box<Location>, reason: String },
 }
-
-fn line_suffix(line: Option<usize>) -> String {
-    line.map(|line| format!(" at line {line}"))
-        .unwrap_or_default()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Loading
 
 impl Config {
     /// Built-in defaults of the contract (no file).
@@ -475,27 +393,20 @@ impl Config {
         Config::load_with_env(None, &[]).expect("the built-in configuration is valid")
     }
 
-    /// Load: defaults, then the file (if Some), then `REWARDPOOL__` environment overrides;
-    /// then validate.
+    /// Defaults, then the file (if any), then `REWARDPOOL__` variables; validated.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut env = Vec::new();
         for (name, value) in std::env::vars_os() {
             // Variables with non-Unicode names cannot be ours.
-            let Ok(name) = name.into_string() else {
+            let ours = |name: &&str| name.to_lowercase().starts_with(&ENV_PREFIX.to_lowercase());
+            let Some(var) = name.to_str().filter(ours).map(str::to_owned) else {
                 continue;
             };
-            if !name.to_lowercase().starts_with(&env_prefix_lowercase()) {
-                continue;
-            }
-            match value.into_string() {
-                Ok(value) => env.push((name, value)),
-                Err(_) => {
-                    return Err(ConfigError::Env {
-                        var: name,
-                        message: "value is not valid Unicode".to_owned(),
-                    });
-                }
-            }
+            let error = |_| ConfigError::Env {
+                var: var.clone(),
+                message: "value is not valid Unicode".to_owned(),
+            };
+            env.push((var.clone(), value.into_string().map_err(error)?));
         }
         Self::load_with_env(file, &env)
     }
@@ -505,55 +416,34 @@ impl Config {
         file: Option<&Path>,
         env: &[(String, String)],
     ) -> Result<Config, ConfigError> {
-        let file = match file {
-            Some(path) => Some(SourceFile::read(path)?),
-            None => None,
-        };
+        let file = file.map(SourceFile::read).transpose()?;
         let text = file.as_ref().map_or(BUILTIN_POOLS_TOML, |file| &file.text);
-        let base = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|error| ConfigError::Load {
-                message: redact_secrets(&error.to_string()),
-            })?;
-        let overrides = env_overrides(env, &base)?;
-        let mut builder = config::Config::builder().add_source(base);
-        for var in &overrides {
-            builder = builder
-                .set_override(var.config_path.as_str(), var.value.clone())
-                .map_err(|error| ConfigError::Env {
-                    var: var.name.clone(),
-                    message: redact_secrets(&error.to_string()),
-                })?;
-        }
-        let tree = builder.build().map_err(|error| ConfigError::Load {
+        let load_error = |error: &dyn fmt::Display| ConfigError::Load {
             message: redact_secrets(&error.to_string()),
-        })?;
+        };
+        let toml = |text| config::File::from_str(text, config::FileFormat::Toml);
+        let layered = config::Config::builder()
+            .add_source(toml(DEFAULTS_TOML))
+            .add_source(toml(text))
+            .build()
+            .map_err(|e| load_error(&e))?;
+        let mut tree: Value = layered.try_deserialize().map_err(|e| load_error(&e))?;
+        let env = apply_env(&mut tree, env)?;
+        let ids = tree.clone();
         let ctx = Ctx {
             file: file.as_ref(),
-            env: overrides
-                .iter()
-                .map(|var| (var.key.clone(), var.name.clone()))
-                .collect(),
-            loaded: true,
-            tree: Some(&tree),
+            env,
+            tree: Some(&ids),
+            raw: None,
         };
-        let document: config::Value = tree
-            .clone()
-            .try_deserialize()
-            .map_err(|error| ctx.deserialize_error(error))?;
-        check_known_keys(&ctx, &document, &mut Vec::new())?;
-        let raw: RawConfig = tree
-            .clone()
-            .try_deserialize()
-            .map_err(|error| ctx.deserialize_error(error))?;
+        check_ints(&ctx, &mut tree, "")?;
+        // `config`'s deserializer, for the key of every value serde rejects.
+        let value = config::Value::deserialize(tree).map_err(|e| load_error(&e))?;
+        let raw = RawConfig::deserialize(value).map_err(|e| ctx.deserialize_error(e))?;
         let config = raw.validate_in(&ctx)?;
-        tracing::debug!(
-            file = ?file.as_ref().map(|file| &file.path),
-            url = %config.amqp.url_redacted(),
-            pools = config.pools.len(),
-            "configuration loaded"
-        );
+        let file = file.as_ref().map(|file| &file.path);
+        let url = config.amqp.url_redacted();
+        tracing::debug!(?file, %url, pools = config.pools.len(), "configuration loaded");
         Ok(config)
     }
 
@@ -563,482 +453,326 @@ impl Config {
     }
 }
 
-/// The file as read: its path and text (for lines).
+/// The file as read: its path, its text, and the line of every key in it (from the spans).
 struct SourceFile {
     path: PathBuf,
     text: String,
+    lines: HashMap<String, usize>,
 }
 
 impl SourceFile {
     fn read(path: &Path) -> Result<SourceFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
-                ConfigError::FileNotFound {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                ConfigError::FileRead {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            }
+        let path = path.to_path_buf();
+        let text = std::fs::read_to_string(&path).map_err(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => ConfigError::FileNotFound { path: path.clone() },
+            _ => ConfigError::FileRead {
+                path: path.clone(),
+                error,
+            },
         })?;
-        if let Err(error) = toml::de::DeTable::parse(&text) {
-            return Err(ConfigError::Syntax {
-                path: path.to_path_buf(),
-                line: error.span().map(|span| line_at(&text, span.start)),
-                message: redact_secrets(error.message()),
-            });
-        }
-        Ok(SourceFile {
-            path: path.to_path_buf(),
-            text,
-        })
-    }
-
-    /// The line of `key` in the file: of the key itself, or (`ancestor`) of the nearest
-    /// enclosing key or table that is in the file.
-    fn line_of(&self, key: &[Seg], ancestor: bool) -> Option<usize> {
-        use toml::de::DeValue;
-        let document = toml::de::DeTable::parse(&self.text).ok()?;
+        let document = toml::de::DeTable::parse(&text).map_err(|error| ConfigError::Syntax {
+            path: path.clone(),
+            line: error.span().map(|span| line_at(&text, span.start)),
+            message: redact_secrets(error.message()),
+        })?;
+        let mut lines = HashMap::new();
         let root = DeValue::Table(document.into_inner());
-        let mut value = &root;
-        let mut found = None;
-        for segment in key {
-            let next = match (segment, value) {
-                (Seg::Key(name), DeValue::Table(table)) => table
-                    .iter()
-                    .find(|(k, _)| k.get_ref().as_ref() == name.as_str())
-                    .map(|(k, v)| (k.span().start, v.get_ref())),
-                (Seg::Index(index), DeValue::Array(items)) => {
-                    items.get(*index).map(|v| (v.span().start, v.get_ref()))
-                }
-                _ => None,
-            };
-            match next {
-                Some((start, next)) => {
-                    found = Some(line_at(&self.text, start));
-                    value = next;
-                }
-                None if ancestor => return found,
-                None => return None,
-            }
-        }
-        found
+        record_lines(&text, &root, "", &mut lines);
+        Ok(SourceFile { path, text, lines })
+    }
+}
+
+/// The line of every key and array entry under `value`, by key path.
+fn record_lines(text: &str, value: &DeValue<'_>, key: &str, lines: &mut HashMap<String, usize>) {
+    let entries: Vec<(String, usize, &DeValue<'_>)> = match value {
+        DeValue::Table(table) => (table.iter())
+            .map(|(k, v)| (child(key, k.get_ref()), k.span().start, v.get_ref()))
+            .collect(),
+        DeValue::Array(items) => (items.iter().enumerate())
+            .map(|(i, v)| (format!("{key}[{i}]"), v.span().start, v.get_ref()))
+            .collect(),
+        _ => return,
+    };
+    for (key, start, value) in entries {
+        lines.insert(key.clone(), line_at(text, start));
+        record_lines(text, value, &key, lines);
     }
 }
 
 /// The 1-based line of a byte offset.
 fn line_at(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&byte| byte == b'\n')
-        .count()
-        + 1
+    1 + text[..offset.min(text.len())].matches('\n').count()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Key paths and the key schema
-
-/// One level of a key path.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Seg {
-    Key(String),
-    Index(usize),
+fn child(parent: &str, key: &str) -> String {
+    format!("{parent}{}{key}", if parent.is_empty() { "" } else { "." })
 }
 
-/// `pools[1].items[2].weight`.
-fn key_text(path: &[Seg]) -> String {
-    let mut out = String::new();
-    for segment in path {
-        match segment {
-            Seg::Key(name) if out.is_empty() => out.push_str(name),
-            Seg::Key(name) => {
-                out.push('.');
-                out.push_str(name);
-            }
-            Seg::Index(index) => out.push_str(&format!("[{index}]")),
-        }
-    }
-    out
+/// The key one level up (`pools[1].id` → `pools[1]` → `pools`); `None` at the top.
+fn parent(key: &str) -> Option<&str> {
+    key.rfind(['.', '[']).map(|at| &key[..at])
 }
 
-/// The inverse of [`key_text`] (also reads the `config` crate's `pools[1]items[0]id`).
-fn key_path(text: &str) -> Vec<Seg> {
-    let mut path = Vec::new();
-    let mut name = String::new();
-    let mut chars = text.chars();
-    while let Some(character) = chars.next() {
-        if character != '.' && character != '[' {
-            name.push(character);
-            continue;
-        }
-        if !name.is_empty() {
-            path.push(Seg::Key(std::mem::take(&mut name)));
-        }
-        if character == '[' {
-            let digits: String = chars.by_ref().take_while(|c| *c != ']').collect();
-            path.push(Seg::Index(digits.parse().unwrap_or(usize::MAX)));
-        }
-    }
-    if !name.is_empty() {
-        path.push(Seg::Key(name));
-    }
-    path
+/// Our form of a key of the `config` crate, which writes `pools[1]items[0]id`.
+fn canonical(key: &str) -> String {
+    let dotted = key.replace(']', "].").replace("]..", "].");
+    dotted.replace("].[", "][").trim_end_matches('.').to_owned()
 }
 
-/// Whether the value at `path` is an array (its next level is an index).
-fn is_array(path: &[Seg]) -> bool {
-    matches!(path.last(), Some(Seg::Key(key)) if ["pools", "items", "allowed_users"].contains(&key.as_str()))
+/// A key without its indices (`pools[1].items[2]` → `pools[].items[]`).
+fn shape(key: &str) -> String {
+    let parts: Vec<&str> = (key.split('['))
+        .map(|part| part.trim_start_matches(|c: char| c.is_ascii_digit()))
+        .collect();
+    parts.join("[")
 }
 
-/// The keys of the table at `path`, if a table belongs there.
-fn table_keys(path: &[Seg]) -> Option<&'static [&'static str]> {
-    match path {
-        [] => Some(fields_of::<RawConfig>()),
-        [Seg::Key(section)] if section != "pools" => Some(section_keys(section)),
-        [Seg::Key(pools), Seg::Index(_)] if pools == "pools" => Some(fields_of::<RawPool>()),
-        [
-            Seg::Key(pools),
-            Seg::Index(_),
-            Seg::Key(items),
-            Seg::Index(_),
-        ] if pools == "pools" && items == "items" => Some(fields_of::<RawItem>()),
-        _ => None,
-    }
-}
-
-fn section_keys(section: &str) -> &'static [&'static str] {
-    match section {
-        "amqp" => fields_of::<AmqpConfig>(),
-        "storage" => fields_of::<StorageConfig>(),
-        "admin" => fields_of::<AdminConfig>(),
-        "metrics" => fields_of::<MetricsConfig>(),
-        "log" => fields_of::<LogConfig>(),
-        _ => &[],
-    }
-}
-
-/// The field names of a serde struct, asked from serde itself (so no key list can drift).
-fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
-    use serde::de::{self, Visitor};
-
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-
-    impl<'de> serde::Deserializer<'de> for Probe<'_> {
-        type Error = de::value::Error;
-
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
-            Err(de::Error::custom("probe"))
-        }
-
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Self::Error> {
-            *self.0 = fields;
-            Err(de::Error::custom("probe"))
-        }
-
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
-            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
-            ignored_any
-        }
-    }
-
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
-}
-
-/// Every key of the loaded tree is one the structs know.
-fn check_known_keys(
-    ctx: &Ctx<'_>,
-    value: &config::Value,
-    path: &mut Vec<Seg>,
-) -> Result<(), ConfigError> {
-    match &value.kind {
-        config::ValueKind::Table(table) => {
-            let Some(known) = table_keys(path) else {
-                return Ok(());
+/// Applies our variables in key order (indices numerically: an entry's fields come after the
+/// entries before it); returns key → the variable that set or created it. A variable sets
+/// one scalar: a value, a new key (serde rejects unknown ones) or an entry one past the end.
+fn apply_env(
+    tree: &mut Value,
+    env: &[(String, String)],
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    // A level is an index (Ok) or a key (Err).
+    let level = |text: &str| match text.bytes().all(|byte| byte.is_ascii_digit()) {
+        true => text.parse::<usize>().map_err(|_| text.to_owned()),
+        false => Err(text.to_owned()),
+    };
+    let mut vars: Vec<(Vec<_>, &String, &String)> = (env.iter())
+        .filter_map(|(name, value)| {
+            let lower = name.to_lowercase();
+            let rest = lower.strip_prefix(&ENV_PREFIX.to_lowercase())?;
+            Some((rest.split("__").map(level).collect(), name, value))
+        })
+        .collect();
+    vars.sort();
+    let mut set = BTreeMap::new();
+    for (levels, var, value) in vars {
+        let error = |message: String| ConfigError::Env {
+            var: var.clone(),
+            message,
+        };
+        let whole = levels.iter().fold(String::new(), |key, level| match level {
+            Ok(index) => format!("{key}[{index}]"),
+            Err(name) => child(&key, name),
+        });
+        let (mut node, mut key) = (&mut *tree, String::new());
+        for (depth, level) in levels.iter().enumerate() {
+            let fresh = match levels.get(depth + 1) {
+                None => Value::Null,
+                Some(Ok(_)) => Value::Array(Vec::new()),
+                Some(Err(_)) => Value::Object(serde_json::Map::new()),
             };
-            let mut keys: Vec<&String> = table.keys().collect();
-            keys.sort();
-            for key in keys {
-                path.push(Seg::Key(key.clone()));
-                if !known.contains(&key.as_str()) {
-                    return Err(ConfigError::UnknownKey {
-                        at: ctx.location_of(path),
-                        known: known.join(", "),
-                    });
+            node = match (level, node) {
+                (Err(name), Value::Object(table)) => {
+                    key = child(&key, name);
+                    if !table.contains_key(name) {
+                        if fresh.is_object() {
+                            let known = table.keys().cloned().collect::<Vec<_>>().join(", ");
+                            let unknown = format!("unknown config key `{whole}`; known keys here");
+                            return Err(error(format!("{unknown}: {known}")));
+                        }
+                        set.insert(key.clone(), var.clone());
+                    }
+                    table.entry(name.clone()).or_insert(fresh)
                 }
-                check_known_keys(ctx, &table[key], path)?;
-                path.pop();
-            }
+                (Ok(index), Value::Array(items)) => {
+                    let length = items.len();
+                    if *index > length {
+                        return Err(error(format!(
+                            "there is no {key}[{index}] ({key} has {length} entries, indices 0-based); \
+                             the environment can change an entry or add one at the end ({key}[{length}])"
+                        )));
+                    }
+                    key = format!("{key}[{index}]");
+                    if *index == length {
+                        items.push(fresh);
+                        set.insert(key.clone(), var.clone());
+                    }
+                    &mut items[*index]
+                }
+                _ => return Err(error(env_usage(&whole))),
+            };
         }
-        config::ValueKind::Array(items) => {
-            for (index, item) in items.iter().enumerate() {
-                path.push(Seg::Index(index));
-                check_known_keys(ctx, item, path)?;
-                path.pop();
-            }
+        if node.is_object() || node.is_array() {
+            return Err(error(env_usage(&whole)));
         }
-        _ => {}
+        *node = Value::String(value.clone());
+        if let Some(previous) = set.insert(key.clone(), var.clone()).filter(|p| p != var) {
+            let message = format!("sets key `{key}`, which {previous} already sets");
+            return Err(error(message));
+        }
     }
+    Ok(set)
+}
+
+fn env_usage(key: &str) -> String {
+    match key.starts_with("pools") {
+        true => "pools can be overridden only key by key, as REWARDPOOL__POOLS__<i>__ID, \
+                 REWARDPOOL__POOLS__<i>__MODE or REWARDPOOL__POOLS__<i>__ITEMS__<j>__{ID,QUANTITY,WEIGHT} \
+                 (indices 0-based)",
+        false => "names no single key; use one variable per key, e.g. REWARDPOOL__AMQP__URL",
+    }
+    .to_owned()
+}
+
+/// Every key of [`INTS`] under `value`: an integer (or decimal string, made one) in bounds.
+fn check_ints(ctx: &Ctx<'_>, value: &mut Value, key: &str) -> Result<(), ConfigError> {
+    let Some(&(_, min, max)) = INTS.iter().find(|(int, ..)| *int == shape(key)) else {
+        return match value {
+            Value::Object(table) => (table.iter_mut())
+                .try_for_each(|(name, value)| check_ints(ctx, value, &child(key, name))),
+            Value::Array(items) => (items.iter_mut().enumerate())
+                .try_for_each(|(i, value)| check_ints(ctx, value, &format!("{key}[{i}]"))),
+            _ => Ok(()),
+        };
+    };
+    let number = match &*value {
+        Value::Number(n) => n.as_i64().map(i128::from).or(n.as_u64().map(i128::from)),
+        Value::String(text) => text.parse::<i128>().ok(),
+        Value::Null => return Ok(()),
+        _ => None,
+    };
+    let Some(number) = number else {
+        let got = match &*value {
+            Value::Number(_) => format!("floating point `{value}`"),
+            Value::String(text) => format!("string {:?}", shorten(text)),
+            other => format!("`{other}`"),
+        };
+        let message = format!("invalid type: {got}, expected an integer");
+        let at = ctx.at(key);
+        return Err(ConfigError::BadValue { at, message });
+    };
+    if !(min..=max).contains(&number) {
+        let what = key.rsplit('.').next().unwrap_or(key).to_owned();
+        let at = ctx.at(key);
+        return Err(ConfigError::OutOfRange {
+            at,
+            what,
+            value: number,
+            min,
+            max,
+        });
+    }
+    // Above i64 (a u64 seed) stays text: `config`'s tree holds i64; its u64 reads the text.
+    *value = i64::try_from(number).map_or_else(|_| Value::from(number.to_string()), Value::from);
     Ok(())
 }
 
-// ---------------------------------------------------------------------------------------------
-// Environment
-
-/// One `REWARDPOOL__...` variable, checked against the schema.
-#[derive(Debug)]
-struct EnvOverride {
-    name: String,
-    value: String,
-    /// Canonical key (`pools[1].items[0].quantity`), also the `config` crate's path syntax.
-    key: String,
-    config_path: String,
-}
-
-fn env_prefix_lowercase() -> String {
-    format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase()
-}
-
-/// Our variables, in key order (indices numerically, so an appended entry's fields come
-/// after the entries before it), each walked down the key schema to one scalar key.
-fn env_overrides(
-    env: &[(String, String)],
-    base: &config::Config,
-) -> Result<Vec<EnvOverride>, ConfigError> {
-    let prefix = env_prefix_lowercase();
-    let mut vars: Vec<(Vec<Seg>, &String, &String)> = Vec::new();
-    for (name, value) in env {
-        let lowercase = name.to_lowercase();
-        let Some(rest) = lowercase.strip_prefix(&prefix) else {
-            continue;
-        };
-        let path = rest
-            .split(ENV_SEPARATOR)
-            .map(|segment| match segment.parse::<usize>() {
-                Ok(index) if segment.bytes().all(|byte| byte.is_ascii_digit()) => Seg::Index(index),
-                _ => Seg::Key(segment.to_owned()),
-            })
-            .collect();
-        vars.push((path, name, value));
-    }
-    vars.sort();
-    // Lengths of the arrays so far (file, then earlier variables).
-    let mut lengths: BTreeMap<String, usize> = BTreeMap::new();
-    let mut out: Vec<EnvOverride> = Vec::new();
-    for (path, name, value) in vars {
-        let env_error = |message: String| ConfigError::Env {
-            var: name.clone(),
-            message,
-        };
-        for (depth, segment) in path.iter().enumerate() {
-            let here = &path[..depth];
-            match segment {
-                Seg::Key(key) => {
-                    let Some(known) = table_keys(here) else {
-                        return Err(env_error(env_usage(&path)));
-                    };
-                    if !known.contains(&key.as_str()) {
-                        return Err(ConfigError::UnknownKey {
-                            at: Box::new(Location {
-                                key: key_text(&path),
-                                pool_id: None,
-                                item_id: None,
-                                origin: Origin::Env { var: name.clone() },
-                            }),
-                            known: known.join(", "),
-                        });
-                    }
-                }
-                Seg::Index(index) if is_array(here) => {
-                    let array = key_text(here);
-                    let length = *lengths
-                        .entry(array.clone())
-                        .or_insert_with(|| base.get_array(&array).map_or(0, |items| items.len()));
-                    if *index > length {
-                        return Err(env_error(format!(
-                            "there is no {array}[{index}] ({array} has {length} entries, indices 0-based); \
-                             the environment can change an entry or add one at the end ({array}[{length}])"
-                        )));
-                    }
-                    if *index == length {
-                        lengths.insert(array, length + 1);
-                    }
-                }
-                Seg::Index(_) => return Err(env_error(env_usage(&path))),
-            }
-        }
-        // One variable sets one scalar: not a table, not a whole array.
-        if table_keys(&path).is_some() || is_array(&path) {
-            return Err(env_error(env_usage(&path)));
-        }
-        let key = key_text(&path);
-        if let Some(previous) = out.iter().find(|var| var.key == key) {
-            return Err(env_error(format!(
-                "sets key `{key}`, which {} already sets",
-                previous.name
-            )));
-        }
-        out.push(EnvOverride {
-            name: name.clone(),
-            value: value.clone(),
-            config_path: key.clone(),
-            key,
-        });
-    }
-    Ok(out)
-}
-
-fn env_usage(path: &[Seg]) -> String {
-    if matches!(path.first(), Some(Seg::Key(top)) if top == "pools") {
-        format!(
-            "pools can be overridden only key by key, as {ENV_PREFIX}__POOLS__<i>__ID, \
-             {ENV_PREFIX}__POOLS__<i>__MODE or {ENV_PREFIX}__POOLS__<i>__ITEMS__<j>__{{ID,QUANTITY,WEIGHT}} \
-             (indices 0-based)"
-        )
-    } else {
-        format!(
-            "names no single key; use one variable per key, e.g. {ENV_PREFIX}{ENV_SEPARATOR}AMQP{ENV_SEPARATOR}URL"
-        )
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Origins
-
-/// Where the values of a load came from.
+/// Where the values of a load came from, and the ids to name in errors.
 struct Ctx<'a> {
     file: Option<&'a SourceFile>,
-    /// Canonical key → environment variable that set it.
+    /// Key → environment variable that set it.
     env: BTreeMap<String, String>,
-    /// False for [`RawConfig::validate`]: origins are unknown.
-    loaded: bool,
-    /// The merged tree, for pool and item ids in errors found before validation.
-    tree: Option<&'a config::Config>,
+    /// The loaded tree, for ids; `None` in [`RawConfig::validate`] (origins unknown).
+    tree: Option<&'a Value>,
+    /// The config being validated, for ids when there is no tree.
+    raw: Option<&'a RawConfig>,
 }
 
 impl Ctx<'_> {
-    fn none() -> Ctx<'static> {
-        Ctx {
-            file: None,
-            env: BTreeMap::new(),
-            loaded: false,
-            tree: None,
-        }
-    }
-
-    fn origin(&self, path: &[Seg]) -> Origin {
-        if let Some(var) = self.env.get(&key_text(path)) {
+    fn origin(&self, key: &str) -> Origin {
+        if let Some(var) = self.env.get(key) {
             return Origin::Env { var: var.clone() };
         }
-        if !self.loaded {
-            return Origin::Unknown;
-        }
         let Some(file) = self.file else {
-            return Origin::Default;
+            return self.tree.map_or(Origin::Unknown, |_| Origin::Default);
         };
-        let in_pools = matches!(path.first(), Some(Seg::Key(top)) if top == "pools");
-        // A pool or an item as a whole: the line of its id, if it has one.
-        let line = match path.last() {
-            Some(Seg::Index(_)) if in_pools => {
-                let mut id = path.to_vec();
-                id.push(Seg::Key("id".to_owned()));
-                file.line_of(&id, false)
-            }
-            _ => None,
-        };
-        match line.or_else(|| file.line_of(path, in_pools)) {
-            Some(line) => Origin::File {
+        // A pool or an item as a whole: the line of its id; in pools, else the nearest
+        // enclosing key in the file (an entry may come from the environment, or lack the key).
+        let in_pools = key.starts_with("pools");
+        let id = key
+            .ends_with(']')
+            .then(|| file.lines.get(&child(key, "id")));
+        let mut up = std::iter::successors(Some(key), |key| parent(key).filter(|_| in_pools));
+        match id
+            .flatten()
+            .or_else(|| up.find_map(|key| file.lines.get(key)))
+        {
+            None if !in_pools => Origin::Default,
+            line => Origin::File {
                 path: file.path.clone(),
-                line: Some(line),
+                line: line.copied(),
             },
-            None if in_pools => Origin::File {
-                path: file.path.clone(),
-                line: None,
-            },
-            None => Origin::Default,
         }
     }
 
-    fn location(&self, key: &str, pool_id: Option<&str>, item_id: Option<&str>) -> Box<Location> {
+    /// The location of `key`, with the ids of its pool and item.
+    fn at(&self, key: &str) -> Box<Location> {
+        let mut indices = (key.split('[').skip(1))
+            .filter_map(|rest| rest.split(']').next()?.parse::<usize>().ok());
+        let (pool, item) = match key.starts_with("pools[") {
+            true => (indices.next(), indices.next()),
+            false => (None, None),
+        };
+        let id = |item: Option<usize>| -> Option<&str> {
+            let Some(tree) = self.tree else {
+                let pool = self.raw?.pools.get(pool?)?;
+                let id = item.map_or(Some(&pool.id), |i| Some(&pool.items.get(i)?.id));
+                return id.map(String::as_str);
+            };
+            let item = item.map(|i| format!("/items/{i}")).unwrap_or_default();
+            tree.pointer(&format!("/pools/{}{item}/id", pool?))?
+                .as_str()
+        };
         Box::new(Location {
             key: key.to_owned(),
-            pool_id: pool_id.map(shorten),
-            item_id: item_id.map(shorten),
-            origin: self.origin(&key_path(key)),
+            pool_id: id(None).map(shorten),
+            item_id: item.and_then(|item| id(Some(item))).map(shorten),
+            origin: self.origin(key),
         })
-    }
-
-    /// A location with the pool and item ids read from the loaded tree.
-    fn location_of(&self, path: &[Seg]) -> Box<Location> {
-        let id_at = |prefix: &[Seg]| -> Option<String> {
-            let tree = self.tree?;
-            tree.get_string(&format!("{}.id", key_text(prefix))).ok()
-        };
-        let (pool_id, item_id) = match path {
-            [Seg::Key(_), Seg::Index(_), Seg::Key(_), Seg::Index(_), ..] => {
-                (id_at(&path[..2]), id_at(&path[..4]))
-            }
-            [Seg::Key(_), Seg::Index(_), ..] => (id_at(&path[..2]), None),
-            _ => (None, None),
-        };
-        self.location(&key_text(path), pool_id.as_deref(), item_id.as_deref())
     }
 
     /// A deserialization error of the `config` crate, with its key and origin.
     fn deserialize_error(&self, error: config::ConfigError) -> ConfigError {
-        let (key, message) = match error {
-            config::ConfigError::Type {
-                unexpected,
-                expected,
-                key,
-                ..
-            } => (
-                key,
-                format!("invalid type: {unexpected}, expected {expected}"),
-            ),
-            config::ConfigError::At { error, key, .. } => (key, error.to_string()),
+        let key = match &error {
             config::ConfigError::NotFound(key) => {
-                return ConfigError::MissingKey {
-                    at: self.location_of(&key_path(&key)),
-                };
+                let at = self.at(&canonical(key));
+                return ConfigError::MissingKey { at };
             }
-            other => (None, other.to_string()),
+            config::ConfigError::Type { key, .. } | config::ConfigError::At { key, .. } => {
+                key.clone().unwrap_or_default()
+            }
+            _ => String::new(),
         };
-        let message = redact_secrets(&message);
-        match key {
-            Some(key) => ConfigError::BadValue {
-                at: self.location_of(&key_path(&key)),
-                message,
-            },
-            None => ConfigError::Load { message },
+        let message = error.to_string();
+        let message = message.trim_end_matches(&format!(" for key `{key}`"));
+        let key = canonical(&key);
+        // serde's `deny_unknown_fields` message: "unknown field `x`, expected one of `a`, `b`".
+        if let Some((field, known)) = message
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split_once("`, expected "))
+        {
+            let known = known.trim_start_matches("one of ").replace('`', "");
+            let at = self.at(&child(&key, field));
+            return ConfigError::UnknownKey { at, known };
+        }
+        let (at, message) = (self.at(&key), redact_secrets(message));
+        match key.is_empty() {
+            true => ConfigError::Load { message },
+            false => ConfigError::BadValue { at, message },
         }
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Validation
-
 impl RawConfig {
-    /// Checks every rule of the contract and this module's bounds and returns the validated
-    /// configuration; the first problem found is the error. Errors carry key paths and ids
-    /// but no origin (a loaded configuration gets those from [`Config::load`]).
+    /// Checks every rule and bound; the first problem found is the error. Errors carry key
+    /// paths and ids but no origin (a loaded configuration gets those from [`Config::load`]).
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        self.validate_in(&Ctx::none())
+        let ctx = Ctx {
+            file: None,
+            env: BTreeMap::new(),
+            tree: None,
+            raw: Some(self),
+        };
+        let mut sections = serde_json::json!({ "amqp": self.amqp, "storage": self.storage });
+        check_ints(&ctx, &mut sections, "")?;
+        self.validate_in(&ctx)
     }
 
     fn validate_in(&self, ctx: &Ctx<'_>) -> Result<Config, ConfigError> {
-        validate_amqp(ctx, &self.amqp)?;
-        validate_storage(ctx, &self.storage)?;
-        validate_edges(ctx, self)?;
+        validate_sections(ctx, self)?;
         let pools = validate_pools(ctx, &self.pools)?;
         Ok(Config {
             amqp: self.amqp.clone(),
@@ -1055,358 +789,189 @@ impl From<&Config> for RawConfig {
     /// The raw form of a validated configuration (to edit it in code and validate again).
     fn from(config: &Config) -> RawConfig {
         let signed = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let item = |item: &SeedItem| RawItem {
+            id: item.id.clone(),
+            quantity: item.stock.quantity().map(signed),
+            weight: item.weight.map(signed),
+        };
+        let pool = |pool: &PoolSeed| RawPool {
+            id: pool.id.clone(),
+            mode: pool.mode,
+            items: pool.items.iter().map(item).collect(),
+        };
         RawConfig {
             amqp: config.amqp.clone(),
             storage: config.storage.clone(),
             admin: config.admin.clone(),
             metrics: config.metrics.clone(),
             log: config.log.clone(),
-            pools: config
-                .pools
-                .iter()
-                .map(|pool| RawPool {
-                    id: pool.id.clone(),
-                    mode: pool.mode,
-                    items: pool
-                        .items
-                        .iter()
-                        .map(|item| RawItem {
-                            id: item.id.clone(),
-                            quantity: item.stock.quantity().map(signed),
-                            weight: item.weight.map(signed),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            pools: config.pools.iter().map(pool).collect(),
         }
     }
 }
 
-fn invalid(at: Box<Location>, reason: String) -> ConfigError {
-    ConfigError::InvalidValue { at, reason }
-}
-
-fn check_range(
-    ctx: &Ctx<'_>,
-    key: &str,
-    value: u64,
-    min: u64,
-    max: u64,
-) -> Result<(), ConfigError> {
-    if (min..=max).contains(&value) {
-        return Ok(());
-    }
-    Err(ConfigError::OutOfRange {
-        at: ctx.location(key, None, None),
-        what: key.rsplit('.').next().unwrap_or(key).to_owned(),
-        value: value.to_string(),
-        min: min.to_string(),
-        max: max.to_string(),
-    })
-}
-
-fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
-    let at = |key: &str| ctx.location(key, None, None);
-    if !(amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://")) {
-        let got = match amqp.url.find("://") {
-            Some(end) => format!("scheme {:?}", shorten(&amqp.url[..end])),
-            None => "no scheme".to_owned(),
-        };
-        return Err(invalid(
-            at("amqp.url"),
-            format!("url must start with amqp:// or amqps:// (got {got})"),
-        ));
-    }
+/// Every rule on section values but [`INTS`], in order; the first broken one is the error.
+fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> {
+    let (amqp, bytes_max) = (&raw.amqp, AMQP_NAME_BYTES_MAX);
+    let mut problems: Vec<(String, Option<String>)> = Vec::new();
+    let mut check = |key: &str, problem: Option<String>| problems.push((key.to_owned(), problem));
+    let scheme = match amqp.url.split_once("://") {
+        Some((scheme, _)) => format!("scheme {:?}", shorten(scheme)),
+        None => "no scheme".to_owned(),
+    };
+    let url_ok = amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://");
+    let url = format!("url must start with amqp:// or amqps:// (got {scheme})");
+    check("amqp.url", (!url_ok).then_some(url));
     let queues = [
         ("amqp.request_queue", &amqp.request_queue),
         ("amqp.result_queue", &amqp.result_queue),
         ("amqp.dead_letter_queue", &amqp.dead_letter_queue),
         ("amqp.admin_queue", &amqp.admin_queue),
     ];
-    for (key, name) in queues {
-        if let Some(reason) = amqp_name_problem(name, "queue name") {
-            return Err(invalid(at(key), reason));
-        }
-    }
     for (index, (key, name)) in queues.iter().enumerate() {
-        if let Some((other_key, _)) = queues[..index].iter().find(|(_, other)| other == name) {
-            return Err(invalid(
-                at(key),
-                format!(
-                    "queue name {:?} is also used by {other_key}; the queues must differ",
-                    shorten(name)
-                ),
-            ));
-        }
+        let twin = queues[..index].iter().find(|(_, other)| other == name);
+        let twin = twin.map(|(other, _)| {
+            let name = shorten(name);
+            format!("queue name {name:?} is also used by {other}; the queues must differ")
+        });
+        check(key, amqp_name_problem(name, "queue name").or(twin));
     }
-    if !amqp.dead_letter_exchange.is_empty() {
-        if let Some(reason) = amqp_name_problem(&amqp.dead_letter_exchange, "exchange name") {
-            return Err(invalid(at("amqp.dead_letter_exchange"), reason));
-        }
-    } else if amqp.dead_letter_exchange_name().len() > AMQP_NAME_BYTES_MAX {
-        return Err(invalid(
-            at("amqp.dead_letter_exchange"),
-            format!(
-                "the derived name \"<request_queue>.dlx\" is longer than {AMQP_NAME_BYTES_MAX} bytes; set amqp.dead_letter_exchange"
-            ),
-        ));
-    }
-    if !amqp.exchange.is_empty() {
-        if let Some(reason) = amqp_name_problem(&amqp.exchange, "exchange name") {
-            return Err(invalid(at("amqp.exchange"), reason));
-        }
-        // The worker also declares `<exchange>.unrouted`, `<exchange>.ae` and, per pool, the
-        // lock queue `<exchange>.pool.<pool id>.lock` (pool ids up to ID_BYTES_MAX).
-        if amqp.exchange.len() + ".pool.".len() + ID_BYTES_MAX + ".lock".len() > AMQP_NAME_BYTES_MAX
-        {
-            return Err(invalid(
-                at("amqp.exchange"),
-                format!(
-                    "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {} bytes)",
-                    AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len()
-                ),
-            ));
-        }
-    }
-    if amqp.tls_cert_file.is_empty() != amqp.tls_key_file.is_empty() {
-        let key = if amqp.tls_cert_file.is_empty() {
-            "amqp.tls_key_file"
-        } else {
-            "amqp.tls_cert_file"
-        };
-        return Err(invalid(
-            at(key),
-            "tls_cert_file and tls_key_file go together: set both or neither".to_owned(),
-        ));
-    }
-    check_range(
-        ctx,
-        "amqp.prefetch",
-        u64::from(amqp.prefetch),
-        u64::from(PREFETCH_MIN),
-        u64::from(PREFETCH_MAX),
-    )?;
-    check_range(
-        ctx,
-        "amqp.delivery_limit",
-        u64::from(amqp.delivery_limit),
-        1,
-        u64::from(u32::MAX),
-    )?;
-    let timeouts = [
-        (
-            "amqp.connect_timeout_ms",
-            amqp.connect_timeout_ms,
-            TIMEOUT_MS_MAX,
-        ),
-        (
-            "amqp.operation_timeout_ms",
-            amqp.operation_timeout_ms,
-            TIMEOUT_MS_MAX,
-        ),
-        (
-            "amqp.reconnect_backoff_min_ms",
-            amqp.reconnect_backoff_min_ms,
-            TIMEOUT_MS_MAX,
-        ),
-        (
-            "amqp.reconnect_backoff_max_ms",
-            amqp.reconnect_backoff_max_ms,
-            TIMEOUT_MS_MAX,
-        ),
-        (
-            "amqp.shutdown_deadline_ms",
-            amqp.shutdown_deadline_ms,
-            SHUTDOWN_DEADLINE_MS_MAX,
-        ),
+    let (dlx, exchange) = (&amqp.dead_letter_exchange, &amqp.exchange);
+    let derived = format!(
+        "the derived name \"<request_queue>.dlx\" is longer than {bytes_max} bytes; set amqp.dead_letter_exchange"
+    );
+    let derived = (amqp.dead_letter_exchange_name().len() > bytes_max).then_some(derived);
+    let dlx = match dlx.is_empty() {
+        true => derived,
+        false => amqp_name_problem(dlx, "exchange name"),
+    };
+    check("amqp.dead_letter_exchange", dlx);
+    // The worker also declares, per pool, the lock queue `<exchange>.pool.<pool id>.lock`.
+    let room_bytes = bytes_max - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
+    let locks = format!(
+        "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {room_bytes} bytes)"
+    );
+    let locks = (exchange.len() > room_bytes).then_some(locks);
+    let exchange_problem = amqp_name_problem(exchange, "exchange name").or(locks);
+    check(
+        "amqp.exchange",
+        exchange_problem.filter(|_| !exchange.is_empty()),
+    );
+    let (cert, key) = (amqp.tls_cert_file.is_empty(), amqp.tls_key_file.is_empty());
+    let tls = "tls_cert_file and tls_key_file go together: set both or neither".to_owned();
+    let tls_key = ["amqp.tls_cert_file", "amqp.tls_key_file"][usize::from(cert)];
+    check(tls_key, (cert != key).then_some(tls));
+    let (min_ms, max_ms) = (amqp.reconnect_backoff_min_ms, amqp.reconnect_backoff_max_ms);
+    let backoff = format!(
+        "reconnect_backoff_min_ms ({min_ms}) is greater than reconnect_backoff_max_ms ({max_ms})"
+    );
+    // Point at the key the operator set, not at a default.
+    let default = ctx.origin("amqp.reconnect_backoff_min_ms") == Origin::Default;
+    let backoff_key = [
+        "amqp.reconnect_backoff_min_ms",
+        "amqp.reconnect_backoff_max_ms",
     ];
-    for (key, value, max) in timeouts {
-        check_range(ctx, key, value, 1, max)?;
-    }
-    if amqp.reconnect_backoff_min_ms > amqp.reconnect_backoff_max_ms {
-        // Point at the key the operator set, not at a default.
-        let mut location = at("amqp.reconnect_backoff_min_ms");
-        if location.origin == Origin::Default {
-            location = at("amqp.reconnect_backoff_max_ms");
-        }
-        return Err(invalid(
-            location,
-            format!(
-                "reconnect_backoff_min_ms ({}) is greater than reconnect_backoff_max_ms ({})",
-                amqp.reconnect_backoff_min_ms, amqp.reconnect_backoff_max_ms
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn validate_storage(ctx: &Ctx<'_>, storage: &StorageConfig) -> Result<(), ConfigError> {
-    if storage.data_dir.as_os_str().is_empty() {
-        return Err(invalid(
-            ctx.location("storage.data_dir", None, None),
-            "data_dir must not be empty".to_owned(),
-        ));
-    }
-    let wide = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
-    let checks = [
-        (
-            "storage.dedupe_window",
-            wide(storage.dedupe_window),
-            wide(DEDUPE_WINDOW_MAX),
-        ),
-        (
-            "storage.batch_records_max",
-            wide(storage.batch_records_max),
-            wide(BATCH_RECORDS_MAX),
-        ),
-        (
-            "storage.channel_capacity",
-            wide(storage.channel_capacity),
-            wide(CHANNEL_CAPACITY_MAX),
-        ),
-        (
-            "storage.snapshot_every_records",
-            storage.snapshot_every_records,
-            SNAPSHOT_EVERY_RECORDS_MAX,
-        ),
-        (
-            "storage.segment_bytes_max",
-            storage.segment_bytes_max,
-            SEGMENT_BYTES_MAX,
-        ),
-        (
-            "storage.id_block_size",
-            storage.id_block_size,
-            ID_BLOCK_SIZE_MAX,
-        ),
-        (
-            "storage.seed_epoch_records",
-            storage.seed_epoch_records,
-            SEED_EPOCH_RECORDS_MAX,
-        ),
-    ];
-    for (key, value, max) in checks {
-        check_range(ctx, key, value, 1, max)?;
-    }
-    Ok(())
-}
-
-/// `[admin]`, `[metrics]`, `[log]`.
-fn validate_edges(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> {
+    check(
+        backoff_key[usize::from(default)],
+        (min_ms > max_ms).then_some(backoff),
+    );
+    let data_dir = raw.storage.data_dir.as_os_str().is_empty();
+    let data_dir = data_dir.then(|| "data_dir must not be empty".to_owned());
+    check("storage.data_dir", data_dir);
     for (index, user) in raw.admin.allowed_users.iter().enumerate() {
-        let key = format!("admin.allowed_users[{index}]");
-        if user.is_empty() {
-            return Err(invalid(
-                ctx.location(&key, None, None),
-                "a user name must not be empty".to_owned(),
-            ));
-        }
-        if user.len() > AMQP_NAME_BYTES_MAX {
-            return Err(invalid(
-                ctx.location(&key, None, None),
-                format!(
-                    "user name is {} bytes long, at most {AMQP_NAME_BYTES_MAX} allowed",
-                    user.len()
-                ),
-            ));
-        }
+        let bytes = user.len();
+        let problem = match bytes {
+            0 => Some("a user name must not be empty".to_owned()),
+            _ => (bytes > bytes_max)
+                .then(|| format!("user name is {bytes} bytes long, at most {bytes_max} allowed")),
+        };
+        check(&format!("admin.allowed_users[{index}]"), problem);
     }
     let listen = &raw.metrics.listen;
-    if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
-        return Err(invalid(
-            ctx.location("metrics.listen", None, None),
-            format!(
-                "listen must be a socket address such as \"127.0.0.1:9464\" (or \"\" for off), got {:?}",
-                shorten(listen)
-            ),
-        ));
+    let bad_listen = !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err();
+    let listen = format!(
+        "listen must be a socket address such as \"127.0.0.1:9464\" (or \"\" for off), got {:?}",
+        shorten(listen)
+    );
+    check("metrics.listen", bad_listen.then_some(listen));
+    let mut problems = problems.into_iter();
+    match problems.find_map(|(key, problem)| Some((key, problem?))) {
+        Some((key, reason)) => Err(ConfigError::InvalidValue {
+            at: ctx.at(&key),
+            reason,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, ConfigError> {
     if pools.is_empty() {
         return Err(ConfigError::NoPools {
-            origin: ctx.origin(&[Seg::Key("pools".to_owned())]),
+            origin: ctx.origin("pools"),
         });
     }
     if pools.len() > CONFIG_POOLS_MAX {
+        let (at, what, value) = (
+            ctx.at("pools"),
+            "number of pools".to_owned(),
+            pools.len() as _,
+        );
         return Err(ConfigError::OutOfRange {
-            at: ctx.location("pools", None, None),
-            what: "number of pools".to_owned(),
-            value: pools.len().to_string(),
-            min: "1".to_owned(),
-            max: CONFIG_POOLS_MAX.to_string(),
+            at,
+            what,
+            value,
+            min: 1,
+            max: CONFIG_POOLS_MAX as _,
         });
     }
+    let rule = |key: String, rule: RuleError, first: Option<String>| ConfigError::Rule {
+        at: ctx.at(&key),
+        rule,
+        first: first.map(|first| ctx.at(&first)),
+    };
+    let ids = pools.iter().map(|pool| pool.id.as_str());
+    if let Err((index, first, e)) = crate::seed::check_unique_pool_ids(ids) {
+        return Err(rule(
+            format!("pools[{index}].id"),
+            e,
+            Some(format!("pools[{first}].id")),
+        ));
+    }
     let mut seeds = Vec::with_capacity(pools.len());
-    for (pool_index, pool) in pools.iter().enumerate() {
-        let pool_id = Some(pool.id.as_str());
-        let rule = |key: String, item_id: Option<&str>, rule: RuleError| ConfigError::Rule {
-            at: ctx.location(&key, pool_id, item_id),
-            rule,
-            first: None,
-        };
-        crate::seed::check_id(crate::seed::IdKind::Pool, &pool.id)
-            .map_err(|e| rule(format!("pools[{pool_index}].id"), None, e))?;
-        if let Err((index, first, error)) =
-            crate::seed::check_unique_pool_ids(pools[..=pool_index].iter().map(|p| p.id.as_str()))
-        {
-            return Err(ConfigError::Rule {
-                at: ctx.location(&format!("pools[{index}].id"), pool_id, None),
-                rule: error,
-                first: Some(ctx.location(&format!("pools[{first}].id"), pool_id, None)),
-            });
-        }
+    for (p, pool) in pools.iter().enumerate() {
+        let items = format!("pools[{p}].items");
         if pool.items.len() > POOL_ITEMS_MAX {
             let count = pool.items.len();
-            let key = format!("pools[{pool_index}].items");
-            return Err(rule(key, None, RuleError::TooManyItems { count }));
+            return Err(rule(items, RuleError::TooManyItems { count }, None));
         }
-        let mut items = Vec::with_capacity(pool.items.len());
-        for (item_index, item) in pool.items.iter().enumerate() {
-            let seed = crate::seed::item_seed(pool.mode, &item.id, item.quantity, item.weight)
-                .map_err(|(field, e)| {
-                    rule(
-                        format!("pools[{pool_index}].items[{item_index}].{}", field.key()),
-                        Some(&item.id),
-                        e,
-                    )
-                })?;
-            if let Some(first) = pool.items[..item_index]
-                .iter()
-                .position(|i| i.id == item.id)
-            {
-                return Err(ConfigError::Rule {
-                    at: ctx.location(
-                        &format!("pools[{pool_index}].items[{item_index}].id"),
-                        pool_id,
-                        Some(&item.id),
-                    ),
-                    rule: RuleError::DuplicateItemId {
-                        id: shorten(&item.id),
-                    },
-                    first: Some(ctx.location(
-                        &format!("pools[{pool_index}].items[{first}].id"),
-                        pool_id,
-                        Some(&item.id),
-                    )),
-                });
-            }
-            items.push(seed);
-        }
+        let seeds_of_items = (pool.items.iter().enumerate()).map(|(i, item)| {
+            crate::seed::item_seed(pool.mode, &item.id, item.quantity, item.weight)
+                .map_err(|(field, e)| rule(format!("{items}[{i}].{}", field.key()), e, None))
+        });
         let seed = PoolSeed {
             id: pool.id.clone(),
             mode: pool.mode,
-            items,
+            items: seeds_of_items.collect::<Result<_, _>>()?,
         };
-        if let Err((item_index, error)) = crate::seed::check_pool(&seed) {
-            let key = match (&error, item_index) {
-                (RuleError::TooManyItems { .. }, _) => format!("pools[{pool_index}].items"),
-                (_, Some(item)) => format!("pools[{pool_index}].items[{item}]"),
-                (_, None) => format!("pools[{pool_index}]"),
+        if let Err((item, error)) = crate::seed::check_pool(&seed) {
+            let (key, first) = match (&error, item) {
+                (RuleError::DuplicateItemId { .. }, Some(i)) => {
+                    let first = pool
+                        .items
+                        .iter()
+                        .position(|item| item.id == pool.items[i].id);
+                    (
+                        format!("{items}[{i}].id"),
+                        first.map(|f| format!("{items}[{f}].id")),
+                    )
+                }
+                (RuleError::EmptyId { .. } | RuleError::LongId { .. }, None) => {
+                    (format!("pools[{p}].id"), None)
+                }
+                (_, Some(i)) => (format!("{items}[{i}]"), None),
+                (_, None) => (format!("pools[{p}]"), None),
             };
-            return Err(rule(key, None, error));
+            return Err(rule(key, error, first));
         }
         seeds.push(seed);
     }
@@ -1415,20 +980,17 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
 
 /// Why `name` is not a valid queue/exchange name, if it is not.
 fn amqp_name_problem(name: &str, what: &str) -> Option<String> {
-    if name.is_empty() {
-        Some(format!("{what} must not be empty"))
-    } else if name.len() > AMQP_NAME_BYTES_MAX {
-        Some(format!(
-            "{what} is {} bytes long, at most {AMQP_NAME_BYTES_MAX} allowed",
-            name.len()
-        ))
-    } else if name.starts_with("amq.") {
-        Some(format!(
-            "{what} {:?} starts with \"amq.\", which the broker reserves",
-            shorten(name)
-        ))
-    } else {
-        None
+    let (bytes, bytes_max) = (name.len(), AMQP_NAME_BYTES_MAX);
+    let reserved = format!(
+        "{what} {:?} starts with \"amq.\", which the broker reserves",
+        shorten(name)
+    );
+    match bytes {
+        0 => Some(format!("{what} must not be empty")),
+        _ if bytes > bytes_max => Some(format!(
+            "{what} is {bytes} bytes long, at most {bytes_max} allowed"
+        )),
+        _ => name.starts_with("amq.").then_some(reserved),
     }
 }
 
@@ -1437,128 +999,18 @@ fn shorten(text: &str) -> String {
     shorten_plain(&redact_secrets(text))
 }
 
-// ---------------------------------------------------------------------------------------------
-// Secrets
-
-/// `url` with the password of its userinfo replaced by `***`.
-fn redact_url(url: &str) -> String {
-    match url.find("://") {
-        Some(scheme_end) => {
-            let (scheme, rest) = url.split_at(scheme_end + 3);
-            format!("{scheme}{}", redact_userinfo(rest))
-        }
-        None => redact_userinfo(url),
-    }
-}
-
-/// Redacts `user:password@` at the start of the text that follows `scheme://`.
-///
-/// The userinfo ends at the last `@` of the text, not of the authority: a password with a raw
-/// `/` or `@` then stays hidden, at the price of also hiding the host when a path holds an `@`.
-/// Over-redacting beats leaking.
-fn redact_userinfo(after_scheme: &str) -> String {
-    let Some(at) = after_scheme.rfind('@') else {
-        return after_scheme.to_owned();
-    };
-    let userinfo = &after_scheme[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!("{}:***{}", &userinfo[..colon], &after_scheme[at..]),
-        None => after_scheme.to_owned(),
-    }
-}
-
-/// Redacts the password of every `scheme://user:password@...` in free text (error messages,
-/// parser snippets). A URL runs until whitespace.
+/// Redacts every `scheme://user:password@` in free text (URLs, error messages, parser
+/// snippets): per whitespace-separated token, from the user's `:` to the token's last `@`, so a
+/// raw `/` or `@` in a password stays hidden too (over-redacting beats leaking).
 fn redact_secrets(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(scheme_end) = rest.find("://") {
-        let (before, after) = rest.split_at(scheme_end + 3);
-        out.push_str(before);
-        let token_end = after.find(char::is_whitespace).unwrap_or(after.len());
-        out.push_str(&redact_userinfo(&after[..token_end]));
-        rest = &after[token_end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
-// Strict integers
-
-/// Integer fields: accept integers and decimal strings (environment values); reject floats and
-/// booleans, which `config` would otherwise round or turn into 0/1.
-mod strict_int {
-    use std::fmt;
-
-    use serde::Deserializer;
-    use serde::de::{self, Visitor};
-
-    pub(super) trait Bounded: TryFrom<i128> {
-        const MIN: i128;
-        const MAX: i128;
-    }
-
-    macro_rules! bounded {
-        ($($int:ty),*) => {$(
-            impl Bounded for $int {
-                const MIN: i128 = <$int>::MIN as i128;
-                const MAX: i128 = <$int>::MAX as i128;
-            }
-        )*};
-    }
-    bounded!(u16, u32, u64, usize, i64);
-
-    struct IntVisitor;
-
-    impl Visitor<'_> for IntVisitor {
-        type Value = i128;
-
-        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-            formatter.write_str("an integer")
-        }
-
-        fn visit_i64<E: de::Error>(self, value: i64) -> Result<i128, E> {
-            Ok(i128::from(value))
-        }
-
-        fn visit_u64<E: de::Error>(self, value: u64) -> Result<i128, E> {
-            Ok(i128::from(value))
-        }
-
-        fn visit_i128<E: de::Error>(self, value: i128) -> Result<i128, E> {
-            Ok(value)
-        }
-
-        fn visit_u128<E: de::Error>(self, value: u128) -> Result<i128, E> {
-            i128::try_from(value).map_err(|_| E::custom(format!("integer {value} is too large")))
-        }
-
-        fn visit_str<E: de::Error>(self, value: &str) -> Result<i128, E> {
-            value
-                .parse()
-                .map_err(|_| E::invalid_value(de::Unexpected::Str(value), &self))
-        }
-    }
-
-    pub(super) fn int<'de, D: Deserializer<'de>, T: Bounded>(
-        deserializer: D,
-    ) -> Result<T, D::Error> {
-        let value = deserializer.deserialize_any(IntVisitor)?;
-        T::try_from(value).map_err(|_| {
-            de::Error::custom(format!(
-                "integer {value} is out of range (must be between {} and {})",
-                T::MIN,
-                T::MAX
-            ))
-        })
-    }
-
-    pub(super) fn opt<'de, D: Deserializer<'de>, T: Bounded>(
-        deserializer: D,
-    ) -> Result<Option<T>, D::Error> {
-        int(deserializer).map(Some)
-    }
+    let redact = |token: &str| {
+        let user = token.find("://")? + 3;
+        let (colon, at) = (user + token[user..].find(':')?, token.rfind('@')?);
+        (colon < at).then(|| format!("{}:***{}", &token[..colon], &token[at..]))
+    };
+    (text.split_inclusive(char::is_whitespace))
+        .map(|token| redact(token).unwrap_or_else(|| token.to_owned()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -1702,8 +1154,8 @@ items = [
         RawConfig::from(&config)
             .validate()
             .expect("example validates");
-        assert_eq!(config.amqp, AmqpConfig::default());
-        assert_eq!(config.storage, StorageConfig::default());
+        assert_eq!(config.amqp, Config::builtin().amqp);
+        assert_eq!(config.storage, Config::builtin().storage);
         assert_eq!(config.pools.len(), 2);
         let spin = config.pool("spin").expect("spin pool");
         assert_eq!(spin.mode, Mode::ByWeight);
@@ -1742,7 +1194,7 @@ items = [ { id = "car", quantity = 1, weight = 1 }, { id = "voucher", quantity =
         assert_eq!(config.pools[1].items[2].stock, Stock::Unlimited);
         assert_eq!(
             config.amqp,
-            AmqpConfig::default(),
+            Config::builtin().amqp,
             "missing [amqp] keys take defaults"
         );
     }
@@ -1757,7 +1209,7 @@ items = [ { id = "car", quantity = 1, weight = 1 }, { id = "voucher", quantity =
         assert_eq!(config.amqp.prefetch, 7);
         assert_eq!(config.amqp.queue_type, QueueType::Classic);
         assert_eq!(config.amqp.queue_type.as_str(), "classic");
-        assert_eq!(config.amqp.url, AmqpConfig::default().url);
+        assert_eq!(config.amqp.url, Config::builtin().amqp.url);
         assert_eq!(config.storage.data_dir, PathBuf::from("d"));
         assert_eq!(config.storage.dedupe_window, 100_000);
         assert_eq!(config.pools.len(), 1, "pools come from the file only");
@@ -2673,7 +2125,7 @@ weight = 0
 
     #[test]
     fn url_redacted_hides_the_password() {
-        let mut amqp = AmqpConfig::default();
+        let mut amqp = Config::builtin().amqp;
         assert_eq!(amqp.url_redacted(), "amqp://guest:***@127.0.0.1:5672/%2f");
         amqp.url = "amqps://user:p@ss/word@host:5671/vh?x=1".to_owned();
         assert!(!amqp.url_redacted().contains("ss/word"));
@@ -2758,7 +2210,7 @@ weight = 0
 
     #[test]
     fn dead_letter_exchange_name_is_derived_when_empty() {
-        let mut amqp = AmqpConfig::default();
+        let mut amqp = Config::builtin().amqp;
         assert_eq!(amqp.dead_letter_exchange_name(), "rewardpool.requests.dlx");
         amqp.dead_letter_exchange = "my.dlx".to_owned();
         assert_eq!(amqp.dead_letter_exchange_name(), "my.dlx");
@@ -2766,26 +2218,19 @@ weight = 0
 
     #[test]
     fn key_paths_parse() {
-        let path = key_path("pools[1].items[2].weight");
         assert_eq!(
-            path,
-            vec![
-                Seg::Key("pools".into()),
-                Seg::Index(1),
-                Seg::Key("items".into()),
-                Seg::Index(2),
-                Seg::Key("weight".into())
-            ]
+            canonical("pools[1]items[2]weight"),
+            "pools[1].items[2].weight"
         );
-        assert_eq!(key_text(&path), "pools[1].items[2].weight");
-        assert_eq!(key_text(&key_path("pools[1]id")), "pools[1].id");
-        assert_eq!(
-            key_text(&key_path("pools[0]items[0]quantity")),
-            "pools[0].items[0].quantity"
-        );
-        assert_eq!(key_text(&key_path("amqp.url")), "amqp.url");
-        assert!(fields_of::<AmqpConfig>().contains(&"admin_queue"));
-        assert_eq!(fields_of::<RawItem>(), ["id", "quantity", "weight"]);
+        assert_eq!(canonical("pools[1]id"), "pools[1].id");
+        assert_eq!(canonical("pools[0]"), "pools[0]");
+        assert_eq!(canonical("amqp.url"), "amqp.url");
+        assert_eq!(shape("pools[10].items[2].weight"), "pools[].items[].weight");
+        assert_eq!(parent("pools[1].id"), Some("pools[1]"));
+        assert_eq!(parent("pools[1]"), Some("pools"));
+        assert_eq!(parent("pools"), None);
+        assert_eq!(child("", "amqp"), "amqp");
+        assert_eq!(child("amqp", "url"), "amqp.url");
     }
 
     #[test]

@@ -172,21 +172,20 @@ impl DurableMark {
 
 /// A fatal failure of the WAL writer or the snapshot thread. Never retried (an fsync error
 /// leaves the page cache in an unknown state); the `io::Error` is kept, so a full disk stays
-/// recognisable ([`StorageError::is_storage_full`]).
+/// recognisable ([`StorageError::is_storage_full`]). The I/O error is part of the message and
+/// not also a `source` (a field named `source` would be one), so a chain prints it once.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("{what}: {source}")]
+    #[error("{what}: {error}")]
     Io {
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{what} {seq}: {source}")]
+    #[error("{what} {seq}: {error}")]
     Snapshot {
         what: &'static str,
         seq: u64,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("snapshot thread stopped")]
     SnapshotThreadGone,
@@ -196,8 +195,8 @@ impl StorageError {
     /// The kind of the underlying I/O error, if there is one.
     pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
         match self {
-            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
-                Some(source.kind())
+            StorageError::Io { error, .. } | StorageError::Snapshot { error, .. } => {
+                Some(error.kind())
             }
             StorageError::SnapshotThreadGone => None,
         }
@@ -206,8 +205,8 @@ impl StorageError {
     /// ENOSPC (or a quota): the operator frees space; nothing is corrupt.
     pub fn is_storage_full(&self) -> bool {
         match self {
-            StorageError::Io { source, .. } | StorageError::Snapshot { source, .. } => {
-                is_disk_full(source)
+            StorageError::Io { error, .. } | StorageError::Snapshot { error, .. } => {
+                is_disk_full(error)
             }
             StorageError::SnapshotThreadGone => false,
         }
@@ -255,10 +254,11 @@ impl Default for EngineStats {
     }
 }
 
+/// The storage error is part of the message, not also a `source` (a chain would repeat it).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("fatal storage error, the engine stopped: {0}")]
-    Fatal(#[source] Arc<StorageError>),
+    Fatal(Arc<StorageError>),
     #[error("engine thread panicked")]
     Panicked,
 }
@@ -656,7 +656,7 @@ struct Writer<T> {
 }
 
 fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> StorageError {
-    move |source| StorageError::Io { what, source }
+    move |error| StorageError::Io { what, error }
 }
 
 impl<T> Writer<T> {
@@ -778,11 +778,11 @@ fn snapshot_loop(
     while let Ok(image) = images.recv() {
         let started = Instant::now();
         let seq = image.seq;
-        snapshot::write_in(options.storage, &options.data_dir, &image).map_err(|source| {
+        snapshot::write_in(options.storage, &options.data_dir, &image).map_err(|error| {
             StorageError::Snapshot {
                 what: "write snapshot",
                 seq,
-                source,
+                error,
             }
         })?;
         failpoint("snapshot.before_prune");
@@ -792,10 +792,10 @@ fn snapshot_loop(
             options.keep_all_wal,
             options.wal_retain_bytes,
         )
-        .map_err(|source| StorageError::Snapshot {
+        .map_err(|error| StorageError::Snapshot {
             what: "prune after snapshot",
             seq,
-            source,
+            error,
         })?;
         tracing::info!(
             seq = image.seq,
@@ -817,7 +817,7 @@ mod tests {
     fn storage_errors_keep_the_io_error_kind() {
         let full = StorageError::Io {
             what: "fsync WAL segment",
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            error: std::io::Error::from_raw_os_error(libc::ENOSPC),
         };
         assert!(full.is_storage_full());
         assert_eq!(full.io_kind(), Some(std::io::ErrorKind::StorageFull));
@@ -825,7 +825,7 @@ mod tests {
         let denied = StorageError::Snapshot {
             what: "write snapshot",
             seq: 7,
-            source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            error: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         };
         assert!(!denied.is_storage_full());
         assert_eq!(denied.io_kind(), Some(std::io::ErrorKind::PermissionDenied));

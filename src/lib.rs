@@ -47,6 +47,8 @@ pub mod config;
 pub mod dedupe;
 pub mod engine;
 pub mod epoch;
+#[cfg(test)]
+mod error_chains;
 pub mod failpoint;
 pub mod fenwick;
 pub mod ids;

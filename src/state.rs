@@ -155,7 +155,8 @@ pub enum StateError {
     EpochOrder { number: u64, last: u64 },
     #[error("request {0} is drawn before any epoch record")]
     NoEpoch(u64),
-    #[error("{0}")]
+    // Transparent: with `{0}` plus `#[from]` a chain printed the pool error twice.
+    #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("draw of request {request_id} on closed pool {pool:?} has items")]
     ClosedDraw { request_id: u64, pool: String },

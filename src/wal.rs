@@ -109,11 +109,11 @@ pub enum BatchError {
     ZeroSeq,
     #[error("batch claims {count} records in {len} bytes")]
     TooManyRecords { count: usize, len: usize },
-    #[error("record at +{at}: {source}")]
+    /// The decode error is part of the message, not also a `source` (printed once).
+    #[error("record at +{at}: {error}")]
     Record {
         at: usize,
-        #[source]
-        source: record::DecodeError,
+        error: record::DecodeError,
     },
     #[error("batch header says {count} records, payload holds {held}")]
     CountMismatch { count: usize, held: usize },
@@ -165,7 +165,7 @@ pub fn parse_batch(bytes: &[u8], offset: usize) -> Result<Batch, BatchError> {
     let mut at = 0;
     while at < payload.len() {
         let (record, used) =
-            record::decode(&payload[at..]).map_err(|source| BatchError::Record { at, source })?;
+            record::decode(&payload[at..]).map_err(|error| BatchError::Record { at, error })?;
         records.push(record);
         at += used;
     }

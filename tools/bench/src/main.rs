@@ -42,9 +42,9 @@ struct BenchArgs {
     /// temp dir); it is removed after the run.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Give up when no reply arrived for this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 120)]
-    timeout: u64,
+    /// Give up when no reply arrived for this many seconds (`--timeout` still accepted).
+    #[arg(long, alias = "timeout", value_name = "SECS", default_value_t = 120)]
+    timeout_s: u64,
     /// Drive these RUNNING workers (their config files, comma-separated, one routing exchange)
     /// through the exchange: first the first worker alone, then all of them; per-worker and
     /// total throughput and the broker's CPU per request. --requests is per phase.
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
             configs: args.shards,
             requests: args.requests,
             concurrency: args.concurrency,
-            idle_timeout: std::time::Duration::from_secs(args.timeout),
+            idle_timeout: std::time::Duration::from_secs(args.timeout_s),
         };
         return match shards::run(options) {
             Ok(()) => ExitCode::SUCCESS,
@@ -87,7 +87,7 @@ fn main() -> ExitCode {
                     target: args.target,
                     queue_type: args.queue_type.map(Into::into),
                     data_dir: args.data_dir,
-                    idle_timeout: std::time::Duration::from_secs(args.timeout),
+                    idle_timeout: std::time::Duration::from_secs(args.timeout_s),
                 },
             )
         });

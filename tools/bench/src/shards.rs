@@ -154,7 +154,7 @@ async fn run_async(options: ShardsOptions) -> anyhow::Result<()> {
         for n in 0..options.requests {
             let permit = tokio::time::timeout(options.idle_timeout, window.acquire())
                 .await
-                .context("no result within --timeout: are the workers running?")??;
+                .context("no result within --timeout-s: are the workers running?")??;
             permit.forget();
             let pool = &pools[(n as usize) % pools.len()];
             seq += 1;
