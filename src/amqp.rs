@@ -253,7 +253,8 @@ fn resource_locked(error: &lapin::Error) -> bool {
     text.contains("RESOURCE_LOCKED") || text.contains("exclusive access")
 }
 
-/// Declares the dead-letter exchange, the three queues and the binding, idempotently.
+/// Declares the dead-letter exchange, the four queues (dead-letter, result, request, admin) and
+/// the binding, idempotently.
 pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     let op = cfg.operation_timeout_ms;
     let ch = &link.consume;
@@ -305,10 +306,15 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
         }
         args
     };
+    // The admin queue dead-letters like the request queue: a rejected command lands in the
+    // dead-letter queue untouched, and (quorum) a command redelivered `delivery_limit` times
+    // is dead-lettered too. A command `rewardpool admin` sent expires there after its
+    // `--timeout` (per-message TTL), so one nobody consumed in time is never applied later.
     for (queue, args) in [
         (&cfg.dead_letter_queue, base(false)),
         (&cfg.result_queue, base(false)),
         (&cfg.request_queue, base(true)),
+        (&cfg.admin_queue, base(true)),
     ] {
         declare_queue(ch, queue, args, op).await?;
     }

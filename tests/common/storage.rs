@@ -54,6 +54,27 @@ pub fn load_config(path: &Path) -> Config {
     Config::load_with_env(Some(path), &[]).expect("test config is valid")
 }
 
+/// Every record in the WAL (all segments, oldest first: draws, admin commands, seeds,
+/// reservations...), stopping at the first damage.
+pub fn wal_records(data_dir: &Path) -> Vec<Record> {
+    let mut out = Vec::new();
+    let segments = wal::list_segments(data_dir)
+        .unwrap_or_else(|e| panic!("list WAL segments in {}: {e}", data_dir.display()));
+    for segment in segments {
+        let bytes = std::fs::read(&segment.path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", segment.path.display()));
+        let end = wal::scan::<()>(&bytes, |batch| {
+            out.extend(batch.records);
+            Ok(())
+        })
+        .unwrap();
+        if let ScanEnd::Damaged { .. } = end {
+            break;
+        }
+    }
+    out
+}
+
 /// Every draw in the WAL (all segments, oldest first), stopping at the first damage.
 pub fn wal_draws(data_dir: &Path) -> Vec<DrawRecord> {
     let mut out = Vec::new();
