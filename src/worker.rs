@@ -60,10 +60,10 @@ async fn open_session(
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
-) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
+) -> Result<(Link, Arc<Session>, Consumers), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
     match start_session(&link, cfg, epoch, pool_ids, released).await {
-        Ok((session, consumer)) => Ok((link, session, consumer)),
+        Ok((session, consumers)) => Ok((link, session, consumers)),
         Err(e) => {
             // Close explicitly: the locks taken so far (request queue, earlier pools) must
             // not outlive a session that never consumed.
@@ -73,15 +73,22 @@ async fn open_session(
     }
 }
 
+/// The session's two consumers: requests, then admin commands (same channel).
+struct Consumers {
+    requests: Consumer,
+    admin: Consumer,
+}
+
 /// Declares, takes the locks (request queue, then each served pool with its binding), removes
-/// the bindings of pools it no longer serves (`released`), and consumes, on a fresh connection.
+/// the bindings of pools it no longer serves (`released`), and consumes the request and admin
+/// queues, on a fresh connection.
 async fn start_session(
     link: &Link,
     cfg: &Arc<AmqpConfig>,
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
-) -> Result<(Arc<Session>, Consumer), AmqpError> {
+) -> Result<(Arc<Session>, Consumers), AmqpError> {
     // Listened to from the start: a connection.blocked can come at any time.
     let events = link.connection.events_listener();
     amqp::declare(link, cfg).await?;
@@ -110,8 +117,9 @@ async fn start_session(
         cfg.clone(),
     ));
     tokio::spawn(watch_events(Arc::downgrade(&session), events));
-    let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
-    Ok((session, consumer))
+    let requests = ingest::start_consumer(&session, &cfg.request_queue).await?;
+    let admin = ingest::start_admin_consumer(&session).await?;
+    Ok((session, Consumers { requests, admin }))
 }
 
 /// Drains the connection's events (lapin queues them unbounded): connection.blocked and
@@ -213,27 +221,40 @@ async fn run_inner(
     let state = recovered.state;
     metrics.set_stock(&state);
     metrics.set_readiness(Readiness::Connecting);
-    let pools = Pools {
-        default_pool: config.pools[0].id.clone(),
-        index: config
-            .pools
-            .iter()
-            .map(|p| {
-                let index = state
-                    .pool_index(&p.id)
-                    .expect("recovery seeds every config pool");
-                (p.id.clone(), index)
-            })
-            .collect(),
-        own_queues: amqp::own_queues(&config.amqp),
-    };
+    // The pools served: without a routing exchange every pool of the state (the config's, and
+    // those added by `add_pool`, which live only in the state); with one, the config's pools
+    // (a pool in the state but not in the config was moved to another shard) plus the pools
+    // `add_pool` adds while this process runs (see README, "Running a campaign").
+    let mut served: std::collections::HashMap<String, u32> = config
+        .pools
+        .iter()
+        .map(|p| {
+            let index = state
+                .pool_index(&p.id)
+                .expect("recovery seeds every config pool");
+            (p.id.clone(), index)
+        })
+        .collect();
+    if cfg.exchange.is_empty() {
+        for (index, slot) in state.pools.iter().enumerate() {
+            let index = u32::try_from(index).expect("pool index fits u32");
+            served.entry(slot.id.to_string()).or_insert(index);
+        }
+    }
+    let pools = Arc::new(Pools::new(
+        config.pools[0].id.clone(),
+        served,
+        u32::try_from(state.pools.len()).expect("pool count fits u32"),
+        amqp::own_queues(&config.amqp),
+        config.admin.allowed_users.clone(),
+    ));
     // Pools in the durable state that this worker does not serve (removed from its config:
     // moved to another shard): their old bindings are removed on every session.
     let released: Vec<String> = state
         .pools
         .iter()
         .map(|slot| slot.id.to_string())
-        .filter(|id| !pools.index.contains_key(id))
+        .filter(|id| pools.index_of(id).is_none())
         .collect();
     if !released.is_empty() && !cfg.exchange.is_empty() {
         tracing::info!(pools = ?released, "pools in the state but not served (not in the config): not bound on the routing exchange");
@@ -251,8 +272,9 @@ async fn run_inner(
     // fatal storage error, and the worker must stop too, idle or not.
     let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
     let settle_metrics = metrics.clone();
+    let settle_pools = pools.clone();
     let settler = tokio::spawn(async move {
-        let stats = settle::run(committed, current_rx, settle_metrics.clone()).await;
+        let stats = settle::run(committed, current_rx, settle_metrics.clone(), settle_pools).await;
         // The committed stream ends before shutdown only when the engine's writer stopped on
         // a storage error: /healthz says so from here until the process exits.
         if settle_metrics.readiness() != Readiness::ShuttingDown {
@@ -282,7 +304,7 @@ async fn run_inner(
             break;
         }
         epoch += 1;
-        let (link, session, consumer) = match open_session(&cfg, epoch, &pools.ids(), &released)
+        let (link, session, consumers) = match open_session(&cfg, epoch, &pools.ids(), &released)
             .await
         {
             Ok(v) => v,
@@ -330,7 +352,8 @@ async fn run_inner(
         tracing::info!(epoch, "connected; consuming");
         match ingest::run(
             session.clone(),
-            consumer,
+            consumers.requests,
+            consumers.admin,
             &mut admission,
             &pools,
             &metrics,
