@@ -465,6 +465,10 @@ async fn handle_admin(
         request_id = new.request_id,
         "admin command to the engine"
     );
+    let spec = AdminSpec {
+        message_id: mid.map(str::to_string),
+        command,
+    };
     let ticket = Ticket {
         epoch: session.epoch,
         delivery_tag: tag,
@@ -473,10 +477,6 @@ async fn handle_admin(
         correlation_id,
         received,
         admin_op: Some(op),
-    };
-    let spec = AdminSpec {
-        message_id: mid.map(str::to_string),
-        command,
     };
     admission
         .submit(Submission::Admin(new, spec), ticket)

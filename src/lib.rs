@@ -40,6 +40,7 @@
 //! (end-to-end throughput and latency next to the broker's ceiling).
 
 pub mod acks;
+pub mod admin;
 pub mod admin_client;
 pub mod admission;
 pub mod amqp;

@@ -107,6 +107,19 @@ impl AdminClient {
 
     /// Publishes `body` (confirmed); returns its correlation_id.
     pub async fn publish(&mut self, body: &str, p: AdminProps<'_>) -> String {
+        let correlation = self.publish_nowait(body, p).await;
+        self.producer.flush().await;
+        correlation
+    }
+
+    /// Waits for the confirms of everything published so far.
+    pub async fn flush(&mut self) {
+        self.producer.flush().await;
+    }
+
+    /// Publishes `body` without waiting for its confirm (many in flight, see `flush`);
+    /// returns its correlation_id.
+    pub async fn publish_nowait(&mut self, body: &str, p: AdminProps<'_>) -> String {
         let correlation = format!("ac-{}", nanos());
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -128,7 +141,6 @@ impl AdminClient {
         }
         let queue = self.queue.clone();
         self.producer.publish(&queue, body.as_bytes(), props).await;
-        self.producer.flush().await;
         correlation
     }
 
