@@ -22,7 +22,7 @@
 //! An admin command gets no `accepted` reply: its one reply is the outcome.
 
 use crate::admin::{self, AdminCommand};
-use crate::admission::{Admission, AdminSpec, DrawSpec, EngineGone, RepeatOf, Submission};
+use crate::admission::{AdminSpec, Admission, DrawSpec, EngineGone, RepeatOf, Submission};
 use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};

@@ -312,7 +312,9 @@ impl Metrics {
             self.stock_remaining
                 .get_or_create(&labels)
                 .set(quantity as i64);
-            self.stock_stocked.get_or_create(&labels).set(stocked as i64);
+            self.stock_stocked
+                .get_or_create(&labels)
+                .set(stocked as i64);
         };
         if let Some(pool) = reply["pool"].as_str() {
             if reply["item"].is_object() {

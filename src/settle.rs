@@ -24,9 +24,9 @@ use crate::limits::ADMIN_REPLY_BYTES_MAX;
 use crate::message::result_body;
 use crate::metrics::{DrawCounters, Metrics};
 use crate::session::{Session, Ticket, reply_properties, result_properties};
-use std::borrow::Cow;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use std::borrow::Cow;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -342,16 +342,15 @@ async fn publish_batch(
         // All of the batch's confirms under one deadline, abandoned at once if the session
         // fails: batches settle in order, so a dead session's batch must never hold up the
         // batches of the next one.
-        let all =
-            futures::future::join_all(pending.into_iter().map(
-                |(ticket, dead_letter, confirms)| async move {
-                    (
-                        ticket,
-                        dead_letter,
-                        delivery_settlement(futures::future::join_all(confirms).await),
-                    )
-                },
-            ));
+        let all = futures::future::join_all(pending.into_iter().map(
+            |(ticket, dead_letter, confirms)| async move {
+                (
+                    ticket,
+                    dead_letter,
+                    delivery_settlement(futures::future::join_all(confirms).await),
+                )
+            },
+        ));
         let published = pending_len;
         let out = tokio::select! {
             // The timeout does not run while the broker blocks the connection (alarm).
@@ -492,7 +491,12 @@ mod tests {
             applied
         );
         // Refused by the state: rejected and dead-lettered, with the reason.
-        match answer(&completion(Some("restock"), None, Some("pool \"x\" has no item"), false)) {
+        match answer(&completion(
+            Some("restock"),
+            None,
+            Some("pool \"x\" has no item"),
+            false,
+        )) {
             Answer::Reply {
                 kind: "rejected",
                 body,
@@ -514,7 +518,10 @@ mod tests {
                     kind: "rejected",
                     body,
                     dead_letter: true,
-                } => assert!(body.contains("already used") && body.contains('7'), "{body}"),
+                } => assert!(
+                    body.contains("already used") && body.contains('7'),
+                    "{body}"
+                ),
                 other => panic!("{other:?}"),
             }
         }
@@ -523,14 +530,18 @@ mod tests {
     #[test]
     fn a_huge_reply_is_sent_without_its_items() {
         let small = r#"{"status":"applied","pool_state":{"id":"p","items":[1]}}"#;
-        assert!(matches!(bounded_reply(small), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            bounded_reply(small),
+            std::borrow::Cow::Borrowed(_)
+        ));
         // About 9 MiB of items (ids padded to 100 bytes).
         let items: Vec<serde_json::Value> = (0..90_000)
             .map(|i| serde_json::json!({"id": format!("{i:0>100}"), "quantity": 1, "issued": 0, "stocked": 1, "weight": null}))
             .collect();
-        let huge = serde_json::json!({"status":"applied","request_id":3,"op":"close_pool","pool":"p",
+        let huge =
+            serde_json::json!({"status":"applied","request_id":3,"op":"close_pool","pool":"p",
             "pool_state":{"id":"p","mode":"by_quantity","closed":true,"items":items}})
-        .to_string();
+            .to_string();
         assert!(huge.len() > crate::limits::ADMIN_REPLY_BYTES_MAX);
         let sent: serde_json::Value = serde_json::from_str(&bounded_reply(&huge)).unwrap();
         assert_eq!(sent["pool_state"]["items"], serde_json::json!([]));

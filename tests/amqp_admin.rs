@@ -44,7 +44,13 @@ async fn wait_admin_consumer(conn: &lapin::Connection, setup: &Setup) {
     .await;
 }
 
-fn item(id: &str, quantity: Option<u64>, issued: u64, stocked: Option<u64>, weight: Option<u64>) -> Value {
+fn item(
+    id: &str,
+    quantity: Option<u64>,
+    issued: u64,
+    stocked: Option<u64>,
+    weight: Option<u64>,
+) -> Value {
     json!({"id": id, "quantity": quantity, "issued": issued, "stocked": stocked, "weight": weight})
 }
 
@@ -90,10 +96,14 @@ async fn draw(producer: &mut Producer, setup: &Setup, reply_to: &str, mid: &str,
 /// The result on `replies` whose correlation_id is `mid` (waits).
 async fn result_of(replies: &Collector, mid: &str) -> Value {
     replies
-        .wait_for(&format!("the result of {mid}"), Duration::from_secs(60), |m| {
-            m.iter()
-                .any(|m| m.kind() == Some("result") && m.correlation_id() == Some(mid))
-        })
+        .wait_for(
+            &format!("the result of {mid}"),
+            Duration::from_secs(60),
+            |m| {
+                m.iter()
+                    .any(|m| m.kind() == Some("result") && m.correlation_id() == Some(mid))
+            },
+        )
         .await;
     let msgs = replies.messages();
     let m = msgs
@@ -116,36 +126,78 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     wait_admin_consumer(&conn, &setup).await;
 
     // The CLI: every op, replies as the contract shows them.
-    let restock = ["restock", "--pool", "default", "--item", "gold", "--add", "5"];
-    let first = setup.admin_cli(&[&restock[..], &["--message-id", "cli-1"][..]].concat(), &[]);
+    let restock = [
+        "restock", "--pool", "default", "--item", "gold", "--add", "5",
+    ];
+    let first = setup.admin_cli(
+        &[&restock[..], &["--message-id", "cli-1"][..]].concat(),
+        &[],
+    );
     let v = first.applied().clone();
     assert_eq!(v["op"], "restock");
     assert_eq!(v["pool"], "default");
     assert_eq!(v["item"], item("gold", Some(15), 0, Some(15), None));
     assert!(v["request_id"].as_u64().unwrap() > 0);
     // The same --message-id again: not applied twice, the first reply.
-    let again = setup.admin_cli(&[&restock[..], &["--message-id", "cli-1"][..]].concat(), &[]);
+    let again = setup.admin_cli(
+        &[&restock[..], &["--message-id", "cli-1"][..]].concat(),
+        &[],
+    );
     assert_eq!(again.applied(), &v, "a repeat gets the first reply");
 
     let cases: [(&[&str], Value); 5] = [
         (
-            &["set-quantity", "--pool", "default", "--item", "silver", "--quantity", "40"],
+            &[
+                "set-quantity",
+                "--pool",
+                "default",
+                "--item",
+                "silver",
+                "--quantity",
+                "40",
+            ],
             item("silver", Some(40), 0, Some(40), None),
         ),
         (
-            &["set-weight", "--pool", "spin", "--item", "car", "--weight", "5"],
+            &[
+                "set-weight",
+                "--pool",
+                "spin",
+                "--item",
+                "car",
+                "--weight",
+                "5",
+            ],
             item("car", Some(1), 0, Some(1), Some(5)),
         ),
         (
-            &["add-item", "--pool", "default", "--item", "platinum", "--quantity", "2"],
+            &[
+                "add-item",
+                "--pool",
+                "default",
+                "--item",
+                "platinum",
+                "--quantity",
+                "2",
+            ],
             item("platinum", Some(2), 0, Some(2), None),
         ),
         (
-            &["add-item", "--pool", "spin", "--item", "sticker", "--weight", "50"],
+            &[
+                "add-item", "--pool", "spin", "--item", "sticker", "--weight", "50",
+            ],
             item("sticker", None, 0, None, Some(50)),
         ),
         (
-            &["set-quantity", "--pool", "spin", "--item", "voucher", "--quantity", "60"],
+            &[
+                "set-quantity",
+                "--pool",
+                "spin",
+                "--item",
+                "voucher",
+                "--quantity",
+                "60",
+            ],
             item("voucher", Some(60), 0, Some(60), Some(99)),
         ),
     ];
@@ -181,9 +233,15 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     let v = admin
         .applied(r#"{"op":"open_pool","pool":"xmas"}"#, "raw-1")
         .await;
-    assert_eq!((v["op"].clone(), v["pool_state"]["closed"].clone()), (json!("open_pool"), json!(false)));
+    assert_eq!(
+        (v["op"].clone(), v["pool_state"]["closed"].clone()),
+        (json!("open_pool"), json!(false))
+    );
     let v = admin
-        .applied(r#"{"op":"restock","pool":"xmas","item":"elf","add":2}"#, "raw-2")
+        .applied(
+            r#"{"op":"restock","pool":"xmas","item":"elf","add":2}"#,
+            "raw-2",
+        )
         .await;
     assert_eq!(v["item"], item("elf", Some(5), 0, Some(5), None));
     let v = admin
@@ -200,23 +258,61 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     // Draws see every applied command: the added pools serve, the closed one answers closed.
     let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
     let mut producer = Producer::new(&conn).await;
-    draw(&mut producer, &setup, &replies.queue, "d-1", r#"{"pool":"xmas","count":5}"#).await;
-    draw(&mut producer, &setup, &replies.queue, "d-2", r#"{"pool":"default"}"#).await;
-    draw(&mut producer, &setup, &replies.queue, "d-3", r#"{"pool":"gift","count":3}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-1",
+        r#"{"pool":"xmas","count":5}"#,
+    )
+    .await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-2",
+        r#"{"pool":"default"}"#,
+    )
+    .await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-3",
+        r#"{"pool":"gift","count":3}"#,
+    )
+    .await;
     let d1 = result_of(&replies, "d-1").await;
     assert_eq!(d1["status"], "won");
     assert_eq!(d1["items"], json!(["elf", "elf", "elf", "elf", "elf"]));
     let d2 = result_of(&replies, "d-2").await;
-    assert_eq!((d2["status"].clone(), d2["items"].clone()), (json!("closed"), json!([])));
+    assert_eq!(
+        (d2["status"].clone(), d2["items"].clone()),
+        (json!("closed"), json!([]))
+    );
     let d3 = result_of(&replies, "d-3").await;
     assert_eq!(d3["status"], "won");
     admin
         .applied(r#"{"op":"open_pool","pool":"default"}"#, "raw-5")
         .await;
-    draw(&mut producer, &setup, &replies.queue, "d-4", r#"{"pool":"default"}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-4",
+        r#"{"pool":"default"}"#,
+    )
+    .await;
     assert_eq!(result_of(&replies, "d-4").await["status"], "won");
     // A repeat of the closed draw after the pool opened: still the first outcome.
-    draw(&mut producer, &setup, &replies.queue, "d-2", r#"{"pool":"default"}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-2",
+        r#"{"pool":"default"}"#,
+    )
+    .await;
     replies
         .wait_for("two results of d-2", Duration::from_secs(60), |m| {
             m.iter()
@@ -237,8 +333,12 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     // The metric: each command counted once (the CLI's repeat is not applied again).
     let s = scrape(&listen).await;
     let applied = |op: &str| {
-        value(&s, "rewardpool_admin_commands_total", &[("op", op), ("outcome", "applied")])
-            .unwrap_or_else(|| panic!("no admin_commands_total for {op}"))
+        value(
+            &s,
+            "rewardpool_admin_commands_total",
+            &[("op", op), ("outcome", "applied")],
+        )
+        .unwrap_or_else(|| panic!("no admin_commands_total for {op}"))
     };
     assert_eq!(applied("restock"), 2.0);
     assert_eq!(applied("set_quantity"), 2.0);
@@ -248,7 +348,11 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     assert_eq!(applied("close_pool"), 2.0);
     assert_eq!(applied("open_pool"), 2.0);
     assert_eq!(
-        value(&s, "rewardpool_stock_stocked", &[("pool", "xmas"), ("item", "elf")]),
+        value(
+            &s,
+            "rewardpool_stock_stocked",
+            &[("pool", "xmas"), ("item", "elf")]
+        ),
         Some(5.0)
     );
 
@@ -272,7 +376,10 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     };
     assert_eq!(items("default"), ["gold", "silver", "platinum"]);
     assert_eq!(items("spin"), ["car", "voucher", "try_again", "sticker"]);
-    assert_eq!(pool(&before, "xmas")["items"][0], item("elf", Some(0), 5, Some(5), None));
+    assert_eq!(
+        pool(&before, "xmas")["items"][0],
+        item("elf", Some(0), 5, Some(5), None)
+    );
     let default = pool(&before, "default");
     assert_eq!(default["closed"], false);
     let stocked: Vec<Value> = default["items"]
@@ -287,28 +394,66 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
     assert_eq!(spin["items"][1]["stocked"], 60);
     // `wal dump` shows the commands.
     let dump = cli(
-        &["wal", "dump", "--config", setup.config_path.to_str().unwrap()],
+        &[
+            "wal",
+            "dump",
+            "--config",
+            setup.config_path.to_str().unwrap(),
+        ],
         None,
         &[],
     );
     let dump = String::from_utf8_lossy(&dump.stdout);
-    for op in ["restock", "set_quantity", "set_weight", "add_item", "add_pool", "close_pool", "open_pool"] {
+    for op in [
+        "restock",
+        "set_quantity",
+        "set_weight",
+        "add_item",
+        "add_pool",
+        "close_pool",
+        "open_pool",
+    ] {
         assert!(dump.contains(op), "wal dump shows no {op}:\n{dump}");
     }
 
     // After a restart: the same state, the added pools still served.
     let mut worker = setup.start_ready(&conn, &[]).await;
     wait_admin_consumer(&conn, &setup).await;
-    assert_eq!(setup.inspect()["pools"], before["pools"], "a restart changed the state");
-    draw(&mut producer, &setup, &replies.queue, "d-5", r#"{"pool":"gift"}"#).await;
+    assert_eq!(
+        setup.inspect()["pools"],
+        before["pools"],
+        "a restart changed the state"
+    );
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-5",
+        r#"{"pool":"gift"}"#,
+    )
+    .await;
     assert_eq!(result_of(&replies, "d-5").await["status"], "won");
-    draw(&mut producer, &setup, &replies.queue, "d-6", r#"{"pool":"xmas"}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "d-6",
+        r#"{"pool":"xmas"}"#,
+    )
+    .await;
     assert_eq!(result_of(&replies, "d-6").await["status"], "empty");
     // A repeat across the restart: the first reply, nothing applied.
     let v2 = admin
-        .applied(r#"{"op":"restock","pool":"xmas","item":"elf","add":2}"#, "raw-2")
+        .applied(
+            r#"{"op":"restock","pool":"xmas","item":"elf","add":2}"#,
+            "raw-2",
+        )
         .await;
-    assert_eq!(v2["item"], item("elf", Some(5), 0, Some(5), None), "the first reply");
+    assert_eq!(
+        v2["item"],
+        item("elf", Some(5), 0, Some(5), None),
+        "the first reply"
+    );
     worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
     let after = setup.inspect();
     assert_eq!(pool(&after, "xmas")["items"][0]["stocked"], 5);
@@ -336,29 +481,98 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
         (r#"{"pool":"default"}"#, &["op"]),
         ("not json", &["json"]),
         ("[1]", &["object"]),
-        (r#"{"op":"close_pool","pool":"default","pool":"spin"}"#, &["duplicate"]),
-        (r#"{"op":"restock","pool":"default","item":"gold","add":1,"force":true}"#, &["force"]),
-        (r#"{"op":"restock","pool":"nope","item":"gold","add":1}"#, &["nope"]),
-        (r#"{"op":"restock","pool":"default","item":"nope","add":1}"#, &["nope"]),
-        (r#"{"op":"restock","pool":"default","item":"gold","add":0}"#, &["add"]),
-        (r#"{"op":"restock","pool":"default","item":"gold","add":1099511627777}"#, &["add"]),
-        (r#"{"op":"restock","pool":"default","item":"gold","add":-3}"#, &["negative"]),
-        (r#"{"op":"restock","pool":"spin","item":"try_again","add":1}"#, &["unlimited"]),
-        (r#"{"op":"set_quantity","pool":"default","item":"gold","quantity":1099511627777}"#, &["quantity"]),
-        (r#"{"op":"set_quantity","pool":"spin","item":"try_again","quantity":3}"#, &["unlimited"]),
-        (r#"{"op":"set_weight","pool":"default","item":"gold","weight":5}"#, &["weight"]),
-        (r#"{"op":"set_weight","pool":"spin","item":"car","weight":0}"#, &["weight"]),
-        (r#"{"op":"set_weight","pool":"spin","item":"car","weight":4294967297}"#, &["weight"]),
-        (r#"{"op":"add_item","pool":"default","item":"gold","quantity":1}"#, &["gold"]),
-        (r#"{"op":"add_item","pool":"default","item":"lead"}"#, &["quantity"]),
-        (r#"{"op":"add_item","pool":"default","item":"lead","quantity":1,"weight":2}"#, &["weight"]),
-        (r#"{"op":"add_item","pool":"spin","item":"lead","quantity":1}"#, &["weight"]),
-        (r#"{"op":"add_item","pool":"default","item":"","quantity":1}"#, &["empty"]),
-        (r#"{"op":"add_pool","pool":"default","mode":"by_quantity","items":[{"id":"a","quantity":1}]}"#, &["default"]),
-        (r#"{"op":"add_pool","pool":"n","mode":"random","items":[{"id":"a","quantity":1}]}"#, &["mode"]),
-        (r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[]}"#, &["items"]),
-        (r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[{"id":"a","quantity":1},{"id":"a","quantity":2}]}"#, &["duplicate"]),
-        (r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[{"id":"a"}]}"#, &["quantity"]),
+        (
+            r#"{"op":"close_pool","pool":"default","pool":"spin"}"#,
+            &["duplicate"],
+        ),
+        (
+            r#"{"op":"restock","pool":"default","item":"gold","add":1,"force":true}"#,
+            &["force"],
+        ),
+        (
+            r#"{"op":"restock","pool":"nope","item":"gold","add":1}"#,
+            &["nope"],
+        ),
+        (
+            r#"{"op":"restock","pool":"default","item":"nope","add":1}"#,
+            &["nope"],
+        ),
+        (
+            r#"{"op":"restock","pool":"default","item":"gold","add":0}"#,
+            &["add"],
+        ),
+        (
+            r#"{"op":"restock","pool":"default","item":"gold","add":1099511627777}"#,
+            &["add"],
+        ),
+        (
+            r#"{"op":"restock","pool":"default","item":"gold","add":-3}"#,
+            &["negative"],
+        ),
+        (
+            r#"{"op":"restock","pool":"spin","item":"try_again","add":1}"#,
+            &["unlimited"],
+        ),
+        (
+            r#"{"op":"set_quantity","pool":"default","item":"gold","quantity":1099511627777}"#,
+            &["quantity"],
+        ),
+        (
+            r#"{"op":"set_quantity","pool":"spin","item":"try_again","quantity":3}"#,
+            &["unlimited"],
+        ),
+        (
+            r#"{"op":"set_weight","pool":"default","item":"gold","weight":5}"#,
+            &["weight"],
+        ),
+        (
+            r#"{"op":"set_weight","pool":"spin","item":"car","weight":0}"#,
+            &["weight"],
+        ),
+        (
+            r#"{"op":"set_weight","pool":"spin","item":"car","weight":4294967297}"#,
+            &["weight"],
+        ),
+        (
+            r#"{"op":"add_item","pool":"default","item":"gold","quantity":1}"#,
+            &["gold"],
+        ),
+        (
+            r#"{"op":"add_item","pool":"default","item":"lead"}"#,
+            &["quantity"],
+        ),
+        (
+            r#"{"op":"add_item","pool":"default","item":"lead","quantity":1,"weight":2}"#,
+            &["weight"],
+        ),
+        (
+            r#"{"op":"add_item","pool":"spin","item":"lead","quantity":1}"#,
+            &["weight"],
+        ),
+        (
+            r#"{"op":"add_item","pool":"default","item":"","quantity":1}"#,
+            &["empty"],
+        ),
+        (
+            r#"{"op":"add_pool","pool":"default","mode":"by_quantity","items":[{"id":"a","quantity":1}]}"#,
+            &["default"],
+        ),
+        (
+            r#"{"op":"add_pool","pool":"n","mode":"random","items":[{"id":"a","quantity":1}]}"#,
+            &["mode"],
+        ),
+        (
+            r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[]}"#,
+            &["items"],
+        ),
+        (
+            r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[{"id":"a","quantity":1},{"id":"a","quantity":2}]}"#,
+            &["duplicate"],
+        ),
+        (
+            r#"{"op":"add_pool","pool":"n","mode":"by_quantity","items":[{"id":"a"}]}"#,
+            &["quantity"],
+        ),
         (r#"{"op":"close_pool","pool":"nope"}"#, &["nope"]),
     ];
     let mut rejected = 0u32;
@@ -376,7 +590,10 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
         rejected += 1;
         let lower = reason.to_lowercase();
         for w in *words {
-            assert!(lower.contains(w), "{body}: the reason {reason:?} does not name {w:?}");
+            assert!(
+                lower.contains(w),
+                "{body}: the reason {reason:?} does not name {w:?}"
+            );
         }
     }
     // The worker's own message type is never acted on.
@@ -399,33 +616,65 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
         ..Default::default()
     };
     let r1 = admin
-        .rejected(r#"{"op":"restock","pool":"default","item":"nope","add":1}"#, props())
+        .rejected(
+            r#"{"op":"restock","pool":"default","item":"nope","add":1}"#,
+            props(),
+        )
         .await;
     let r2 = admin
-        .rejected(r#"{"op":"restock","pool":"default","item":"nope","add":1}"#, props())
+        .rejected(
+            r#"{"op":"restock","pool":"default","item":"nope","add":1}"#,
+            props(),
+        )
         .await;
     rejected += 2;
     assert_eq!(r1, r2, "the same rejection again, not a repeat of anything");
     let applied = admin
-        .applied(r#"{"op":"restock","pool":"default","item":"gold","add":1}"#, "retry-1")
+        .applied(
+            r#"{"op":"restock","pool":"default","item":"gold","add":1}"#,
+            "retry-1",
+        )
         .await;
     assert_eq!(applied["item"]["stocked"], 11);
     let repeat = admin
-        .applied(r#"{"op":"restock","pool":"default","item":"gold","add":1}"#, "retry-1")
+        .applied(
+            r#"{"op":"restock","pool":"default","item":"gold","add":1}"#,
+            "retry-1",
+        )
         .await;
-    assert_eq!(repeat, applied, "the applied command's repeat gets its first reply");
+    assert_eq!(
+        repeat, applied,
+        "the applied command's repeat gets its first reply"
+    );
 
     // Draws and commands keep their message_ids apart (the engine's two windows): a command
     // may reuse a draw's id and a draw a command's, each applied once in its own kind.
     let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
     let mut producer = Producer::new(&conn).await;
-    draw(&mut producer, &setup, &replies.queue, "shared-1", r#"{"pool":"default"}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "shared-1",
+        r#"{"pool":"default"}"#,
+    )
+    .await;
     let first = result_of(&replies, "shared-1").await;
     let command = admin
-        .applied(r#"{"op":"restock","pool":"default","item":"gold","add":1}"#, "shared-1")
+        .applied(
+            r#"{"op":"restock","pool":"default","item":"gold","add":1}"#,
+            "shared-1",
+        )
         .await;
     assert_ne!(command["request_id"], first["request_id"]);
-    draw(&mut producer, &setup, &replies.queue, "retry-1", r#"{"pool":"spin"}"#).await;
+    draw(
+        &mut producer,
+        &setup,
+        &replies.queue,
+        "retry-1",
+        r#"{"pool":"spin"}"#,
+    )
+    .await;
     let drawn = result_of(&replies, "retry-1").await;
     assert_ne!(drawn["request_id"], applied["request_id"]);
     worker.assert_running();
@@ -458,7 +707,11 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
             .map(|i| json!([i["id"], i["stocked"], i["weight"]]))
             .collect()
     };
-    assert_eq!(stocked(&after), stocked(&before), "a rejected command changed spin");
+    assert_eq!(
+        stocked(&after),
+        stocked(&before),
+        "a rejected command changed spin"
+    );
     assert_eq!(after["pools"].as_array().unwrap().len(), 2);
     drop((admin, replies));
     setup.names.delete(&conn).await;
@@ -478,12 +731,19 @@ async fn with_allowed_users_only_their_commands_apply() {
     // The CLI as an allowed user (user_id = the user of amqp.url).
     let ops_url = ops.url();
     let run = setup.admin_cli(
-        &["restock", "--pool", "default", "--item", "gold", "--add", "3"],
+        &[
+            "restock", "--pool", "default", "--item", "gold", "--add", "3",
+        ],
         &[("REWARDPOOL__AMQP__URL", ops_url.as_str())],
     );
     assert_eq!(run.applied()["item"]["stocked"], 13);
     // The CLI as guest, who is not listed: exit 1, the reason names the rule.
-    let run = setup.admin_cli(&["restock", "--pool", "default", "--item", "gold", "--add", "3"], &[]);
+    let run = setup.admin_cli(
+        &[
+            "restock", "--pool", "default", "--item", "gold", "--add", "3",
+        ],
+        &[],
+    );
     let reason = run.rejected();
     assert!(
         reason.contains("allowed_users") && reason.contains("guest"),
@@ -500,7 +760,10 @@ async fn with_allowed_users_only_their_commands_apply() {
             },
         )
         .await;
-    assert!(reason.contains(&other.name) && reason.contains("allowed_users"), "{reason}");
+    assert!(
+        reason.contains(&other.name) && reason.contains("allowed_users"),
+        "{reason}"
+    );
     // No user_id at all while the list is set.
     let mut anonymous = AdminClient::new(&setup, "anon-replies").await;
     let reason = anonymous
@@ -509,7 +772,10 @@ async fn with_allowed_users_only_their_commands_apply() {
             AdminProps::default(),
         )
         .await;
-    assert!(reason.contains("user_id") && reason.contains("allowed_users"), "{reason}");
+    assert!(
+        reason.contains("user_id") && reason.contains("allowed_users"),
+        "{reason}"
+    );
 
     wait_until(
         "three rejected commands dead-lettered",
@@ -519,7 +785,11 @@ async fn with_allowed_users_only_their_commands_apply() {
     .await;
     worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
     let after = setup.inspect();
-    assert_eq!(pool(&after, "default")["items"][0]["stocked"], 13, "only ops' command applied");
+    assert_eq!(
+        pool(&after, "default")["items"][0]["stocked"],
+        13,
+        "only ops' command applied"
+    );
     drop((as_other, anonymous));
     setup.names.delete(&conn).await;
     drop((ops, other));
@@ -540,7 +810,15 @@ async fn the_cli_says_when_nothing_answers_and_an_unanswered_command_expires_una
     wait_admin_consumer(&conn, &setup).await;
     worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
     let run = setup.admin_cli(
-        &["close-pool", "--pool", "default", "--timeout", "1", "--message-id", "late-1"],
+        &[
+            "close-pool",
+            "--pool",
+            "default",
+            "--timeout",
+            "1",
+            "--message-id",
+            "late-1",
+        ],
         &[],
     );
     assert_eq!(run.code, Some(2), "{run:#?}");
@@ -559,15 +837,31 @@ async fn the_cli_says_when_nothing_answers_and_an_unanswered_command_expires_una
     let mut worker = setup.start_ready(&conn, &[]).await;
     wait_admin_consumer(&conn, &setup).await;
     // A later command is applied; the expired one never was (the pool is open).
-    let run = setup.admin_cli(&["restock", "--pool", "default", "--item", "gold", "--add", "1"], &[]);
+    let run = setup.admin_cli(
+        &[
+            "restock", "--pool", "default", "--item", "gold", "--add", "1",
+        ],
+        &[],
+    );
     run.applied();
     worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
     assert_eq!(pool(&setup.inspect(), "default")["closed"], false);
     // Help lists every op with an example.
     let help = cli(&["admin", "--help"], None, &[]);
     let help = String::from_utf8_lossy(&help.stdout);
-    for op in ["restock", "set-quantity", "set-weight", "add-item", "add-pool", "close-pool", "open-pool"] {
-        assert!(help.contains(&format!("rewardpool admin {op}")), "no example of {op}:\n{help}");
+    for op in [
+        "restock",
+        "set-quantity",
+        "set-weight",
+        "add-item",
+        "add-pool",
+        "close-pool",
+        "open-pool",
+    ] {
+        assert!(
+            help.contains(&format!("rewardpool admin {op}")),
+            "no example of {op}:\n{help}"
+        );
     }
     setup.names.delete(&conn).await;
 }
@@ -644,7 +938,9 @@ async fn draws_at_full_speed_while_restocking_conserve_and_restocked_units_go_to
     let restocks_sent = corr.len();
     drawing.await.expect("draw publisher");
     results
-        .wait_for("every draw's result", Duration::from_secs(180), |m| distinct_count(m) >= DRAWS)
+        .wait_for("every draw's result", Duration::from_secs(180), |m| {
+            distinct_count(m) >= DRAWS
+        })
         .await;
     let mut restocks: Vec<(u64, u64)> = Vec::new(); // (request_id, stocked after)
     for c in &corr {
@@ -671,7 +967,12 @@ async fn draws_at_full_speed_while_restocking_conserve_and_restocked_units_go_to
     assert_eq!(outcomes.len(), DRAWS);
     let mut draws: Vec<(u64, usize)> = outcomes
         .values()
-        .map(|o| (o.request_id, o.items.iter().filter(|i| *i == "gold").count()))
+        .map(|o| {
+            (
+                o.request_id,
+                o.items.iter().filter(|i| *i == "gold").count(),
+            )
+        })
         .collect();
     draws.sort();
     let mut gold_drawn = 0;
@@ -720,15 +1021,26 @@ impl Story {
         for r in wal_records(&setup.data_dir) {
             match r {
                 Record::Admin(a) => {
-                    let mid = a.message_id.clone().expect("test commands have message_ids");
+                    let mid = a
+                        .message_id
+                        .clone()
+                        .expect("test commands have message_ids");
                     if let Some(prev) = self.commands.insert(a.request_id, mid.clone()) {
-                        assert_eq!(prev, mid, "request ID {} applied for two commands", a.request_id);
+                        assert_eq!(
+                            prev, mid,
+                            "request ID {} applied for two commands",
+                            a.request_id
+                        );
                     }
                 }
                 Record::Draw(d) => {
                     let mid = d.message_id.clone().expect("test draws have message_ids");
                     if let Some(prev) = self.draws.insert(d.request_id, mid.clone()) {
-                        assert_eq!(prev, mid, "request ID {} drawn for two messages", d.request_id);
+                        assert_eq!(
+                            prev, mid,
+                            "request ID {} drawn for two messages",
+                            d.request_id
+                        );
                     }
                 }
                 _ => {}
@@ -775,7 +1087,10 @@ fn check_state_is_the_wals_story(setup: &Setup) {
     let items = pool(&inspect, "stock")["items"].as_array().unwrap().clone();
     for (k, (stocked, issued)) in model.iter().enumerate() {
         assert_eq!(
-            (items[k]["stocked"].as_u64().unwrap(), items[k]["issued"].as_u64().unwrap()),
+            (
+                items[k]["stocked"].as_u64().unwrap(),
+                items[k]["issued"].as_u64().unwrap()
+            ),
             (*stocked, *issued),
             "item {}: inspect vs the WAL's story",
             items[k]["id"]
@@ -789,39 +1104,45 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
     let conn = require_broker().await;
     let mut c = WorkerConfig::new(
         QueueType::Quorum,
-        vec![PoolSpec::new("stock", &[("gold", 100), ("silver", 1_000_000)])],
+        vec![PoolSpec::new(
+            "stock",
+            &[("gold", 100), ("silver", 1_000_000)],
+        )],
     );
     // Every SIGKILL returns the unacked deliveries; RabbitMQ 3.10 counts each return.
     c.delivery_limit = Some(1000);
     // Keep every run's WAL so the story can be read from the start after each crash.
-    c.storage_extra.push("snapshot_every_records = 10000000".into());
+    c.storage_extra
+        .push("snapshot_every_records = 10000000".into());
     c.storage_extra.push("wal_retain_bytes = 1000000000".into());
     let setup = Arc::new(Setup::new("admin_crash", c));
     let names = setup.names.clone();
     let mut worker = setup.start_ready(&conn, &[]).await;
     wait_admin_consumer(&conn, &setup).await;
     let results = Collector::start(&names.result).await;
-    let admin = Arc::new(tokio::sync::Mutex::new(AdminClient::new(&setup, "admin-replies").await));
+    // Replies to the commands land here; the flow task publishes with this reply_to.
+    let replies = Collector::reply_queue(&names.extra("admin-replies")).await;
 
     // Commands and draws flow from a background task for the whole kill phase: every 10 ms
     // one restock (message_id cmd-k) and 10 draws (m-i).
     let stop = Arc::new(AtomicBool::new(false));
     let flow = {
-        let (setup, admin, stop) = (setup.clone(), admin.clone(), stop.clone());
+        let (setup, stop) = (setup.clone(), stop.clone());
+        let reply_to = replies.queue.clone();
         tokio::spawn(async move {
             let conn = require_broker().await;
             let mut producer = Producer::new(&conn).await;
+            let mut admin = AdminClient::new(&setup, "flow-unused").await;
             let mut sent: Vec<(String, String)> = Vec::new(); // (message_id, correlation)
             let mut draws = 0usize;
             while !stop.load(Ordering::Acquire) {
                 let mid = format!("cmd-{}", sent.len());
                 let corr = admin
-                    .lock()
-                    .await
                     .publish(
                         r#"{"op":"restock","pool":"stock","item":"gold","add":1}"#,
                         AdminProps {
                             message_id: Some(&mid),
+                            reply_to: Some(&reply_to),
                             ..Default::default()
                         },
                     )
@@ -844,23 +1165,23 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
         })
     };
 
-    let replies_seen = |admin: &AdminClient| admin.replies.count_kind("admin_result");
-    admin
-        .lock()
-        .await
-        .replies
-        .wait_for("some command replies", Duration::from_secs(60), |m| m.len() >= 20)
+    let replies_seen = || replies.count_kind("admin_result");
+    replies
+        .wait_for("some command replies", Duration::from_secs(60), |m| {
+            m.len() >= 20
+        })
         .await;
     worker.kill().await;
     let mut story = Story::default();
     let mut kills = 1;
-    let wait_gone = async |conn: &lapin::Connection| {
-        wait_until("the killed worker's consumers to go", Duration::from_secs(30), async || {
+    let wait_gone =
+        async |conn: &lapin::Connection| {
+            wait_until("the killed worker's consumers to go", Duration::from_secs(30), async || {
             matches!(queue_state(conn, &names.request).await, Some(q) if q.consumers == 0)
                 && matches!(queue_state(conn, &names.admin).await, Some(q) if q.consumers == 0)
         })
         .await;
-    };
+        };
     wait_gone(&conn).await;
 
     let mut rng = (std::time::SystemTime::now()
@@ -879,7 +1200,11 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
     for round in 0..6 {
         let k = random(1, 20);
         plan.push(match round % 2 {
-            0 => Kill::Failpoint(if k % 2 == 0 { "wal.after_sync" } else { "wal.after_write" }),
+            0 => Kill::Failpoint(if k % 2 == 0 {
+                "wal.after_sync"
+            } else {
+                "wal.after_write"
+            }),
             _ => Kill::Failpoint("settle.before_admin_reply"),
         });
         plan.push(Kill::Failpoint("settle.before_ack"));
@@ -889,33 +1214,45 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
         }
     }
     for step in plan {
-        let before = replies_seen(&*admin.lock().await);
+        let before = replies_seen();
         match step {
             Kill::Failpoint(fp) => {
                 let n = random(1, 15);
                 let armed = format!("{fp}:{n}");
                 let mut w = setup.start_worker(&[("REWARDPOOL_FAILPOINT", armed.as_str())]);
                 let status = w.wait_exit(Duration::from_secs(120)).await;
-                assert_eq!(status.signal(), Some(libc::SIGKILL), "{armed}; log:\n{}", w.log());
-                assert!(w.log().contains(&format!("failpoint {fp}: SIGKILL")), "{armed}:\n{}", w.log());
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGKILL),
+                    "{armed}; log:\n{}",
+                    w.log()
+                );
+                assert!(
+                    w.log().contains(&format!("failpoint {fp}: SIGKILL")),
+                    "{armed}:\n{}",
+                    w.log()
+                );
             }
             Kill::DuringStartup => {
                 let mut w = setup.start_worker(&[]);
-                wait_until("the worker to recover", Duration::from_secs(60), async || {
-                    w.log().contains("connecting to the broker")
-                })
+                wait_until(
+                    "the worker to recover",
+                    Duration::from_secs(60),
+                    async || w.log().contains("connecting to the broker"),
+                )
                 .await;
                 w.kill().await;
             }
             Kill::AfterMoreReplies(more) => {
                 let mut w = setup.start_worker(&[]);
-                w.wait_ready(&conn, &names.request, Duration::from_secs(60)).await;
-                admin
-                    .lock()
-                    .await
-                    .replies
+                w.wait_ready(&conn, &names.request, Duration::from_secs(60))
+                    .await;
+                replies
                     .wait_for("more command replies", Duration::from_secs(120), |m| {
-                        m.iter().filter(|m| m.kind() == Some("admin_result")).count() >= before + more
+                        m.iter()
+                            .filter(|m| m.kind() == Some("admin_result"))
+                            .count()
+                            >= before + more
                     })
                     .await;
                 w.kill().await;
@@ -926,22 +1263,19 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
         story.read(&setup);
         check_state_is_the_wals_story(&setup);
         // Every command that has a reply is in the WAL (a reply goes out only once durable).
-        let replied: Vec<u64> = admin
-            .lock()
-            .await
-            .replies
+        let replied: Vec<u64> = replies
             .messages()
             .iter()
             .filter(|m| m.kind() == Some("admin_result"))
             .map(|m| m.json()["request_id"].as_u64().unwrap())
             .collect();
         for id in replied {
-            assert!(story.commands.contains_key(&id), "command {id} replied but not in the WAL");
+            assert!(
+                story.commands.contains_key(&id),
+                "command {id} replied but not in the WAL"
+            );
         }
-        note(format!(
-            "{step:?}: replies {before} -> {}",
-            replies_seen(&*admin.lock().await)
-        ));
+        note(format!("{step:?}: replies {before} -> {}", replies_seen()));
     }
     assert!(kills >= 20, "only {kills} kills");
 
@@ -949,14 +1283,16 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
     stop.store(true, Ordering::Release);
     let (sent, draws) = flow.await.expect("flow task");
     let mut worker = setup.start_ready(&conn, &[]).await;
-    {
-        let admin = admin.lock().await;
-        for (_, corr) in &sent {
-            admin.reply(corr).await;
-        }
-    }
+    replies
+        .wait_for("every command's reply", Duration::from_secs(300), |m| {
+            let got: HashSet<&str> = m.iter().filter_map(|m| m.correlation_id()).collect();
+            sent.iter().all(|(_, c)| got.contains(c.as_str()))
+        })
+        .await;
     results
-        .wait_for("every draw's result", Duration::from_secs(300), |m| distinct_count(m) >= draws)
+        .wait_for("every draw's result", Duration::from_secs(300), |m| {
+            distinct_count(m) >= draws
+        })
         .await;
     story.read(&setup);
     worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
@@ -969,22 +1305,36 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
         .map(|(id, mid)| (mid.as_str(), *id))
         .collect();
     assert_eq!(by_mid.len(), sent.len(), "every command applied once");
-    let admin = admin.lock().await;
     for (mid, corr) in &sent {
-        for m in admin.replies.messages().iter().filter(|m| m.correlation_id() == Some(corr)) {
+        for m in replies
+            .messages()
+            .iter()
+            .filter(|m| m.correlation_id() == Some(corr))
+        {
             assert_eq!(m.kind(), Some("admin_result"), "{mid}: {}", m.json());
-            assert_eq!(m.json()["request_id"].as_u64(), Some(by_mid[mid.as_str()]), "{mid}");
+            assert_eq!(
+                m.json()["request_id"].as_u64(),
+                Some(by_mid[mid.as_str()]),
+                "{mid}"
+            );
         }
     }
     let inspect = setup.inspect();
-    assert_eq!(pool(&inspect, "stock")["items"][0]["stocked"], 100 + sent.len() as u64);
-    assert_eq!(must_queue_state(&conn, &names.dead).await.messages, 0, "nothing dead-lettered");
+    assert_eq!(
+        pool(&inspect, "stock")["items"][0]["stocked"],
+        100 + sent.len() as u64
+    );
+    assert_eq!(
+        must_queue_state(&conn, &names.dead).await.messages,
+        0,
+        "nothing dead-lettered"
+    );
     assert_queue_drained(&conn, &names.admin).await;
     note(format!(
         "{kills} kills, {} commands, {draws} draws, {:?}",
         sent.len(),
         started.elapsed()
     ));
-    drop(results);
+    drop((results, replies));
     names.delete(&conn).await;
 }
