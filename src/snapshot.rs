@@ -517,3 +517,53 @@ pub fn prune_in(
     }
     fs.sync_dir(dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot file (header line + body) of `version` around `body`.
+    fn file(version: u32, body: &str) -> Vec<u8> {
+        let header = serde_json::json!({
+            "format": FORMAT,
+            "version": version,
+            "seq": 3,
+            "body_bytes": body.len(),
+            "body_crc32c": crc32c::crc32c(body.as_bytes()),
+        });
+        format!("{header}\n{body}\n").into_bytes()
+    }
+
+    #[test]
+    fn a_version_1_snapshot_loads_its_initial_as_stocked() {
+        let body = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","items":[{"id":"gold","quantity":9,"weight":null,"initial":10,"issued":1}]}],"window":[{"key":"2127ddaa7e87c1d2f991b2739b898616","request_id":2,"pool":"default","user":"u","count":1,"items":["gold"]}]}"#;
+        let state = decode(&file(1, body), 16).unwrap();
+        let gold = &state.items(0)[0];
+        assert_eq!(
+            (gold.quantity, gold.issued, gold.stocked),
+            (Some(9), 1, Some(10))
+        );
+        assert!(!state.pools[0].closed);
+        assert_eq!(state.window.len(), 1);
+        assert!(state.admin_window.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_whose_stock_does_not_add_up_or_whose_windows_are_mixed_is_refused() {
+        let bad_stock = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","closed":true,"items":[{"id":"gold","quantity":9,"weight":null,"stocked":11,"issued":1}]}],"window":[],"admin_window":[]}"#;
+        let err = decode(&file(2, bad_stock), 16).unwrap_err();
+        assert!(err.contains("stocked 11 != quantity 9 + issued 1"), "{err}");
+        let draw_in_admin_window = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","items":[{"id":"gold","quantity":9,"weight":null,"stocked":10,"issued":1}]}],"window":[],"admin_window":[{"key":"2127ddaa7e87c1d2f991b2739b898616","request_id":2,"pool":"default","user":"u","count":1,"items":[]}]}"#;
+        let err = decode(&file(2, draw_in_admin_window), 16).unwrap_err();
+        assert!(
+            err.contains("admin window entry without its command"),
+            "{err}"
+        );
+        let ok = draw_in_admin_window.replace(
+            r#""items":[]}]"#,
+            r#""items":[],"admin":{"op":"restock","reply":"{}"}}]"#,
+        );
+        let state = decode(&file(2, &ok), 16).unwrap();
+        assert_eq!(state.admin_window.len(), 1);
+    }
+}

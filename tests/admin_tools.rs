@@ -334,3 +334,53 @@ fn a_draw_on_a_closed_pool_is_closed_and_its_repeat_stays_closed_after_reopening
     assert_eq!(audit["verified_commands"], 2, "{audit}");
     assert_eq!(audit["verified_draws"], 2, "{audit}");
 }
+
+/// Commands keep their own window (of `dedupe_window` entries), apart from the draws': with a
+/// window of 2, two commands between draws must not push a draw out of the engine's window
+/// while admission (which never sees command keys) still holds it; and a draw may use a
+/// command's message_id (different queues) without either being taken for the other.
+#[test]
+fn commands_and_draws_keep_separate_windows_in_step_with_admission() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config_path = write_config(tmp.path(), &data, "dedupe_window = 2");
+    let config = load_config(&config_path);
+    let named = |m: &str| Step::Draw {
+        pool_index: 0,
+        count: 1,
+        message_id: Some(m.to_string()),
+    };
+    let done = run_engine(
+        &config,
+        true,
+        &[
+            named("a"),
+            named("b"),
+            admin("c1", restock(1)),
+            admin("c2", restock(2)),
+            named("a"),
+            named("c1"),
+            admin("c1", restock(3)),
+            admin("c2", restock(4)),
+        ],
+    );
+    assert_eq!(done.len(), 8);
+    assert!(!done[0].repeat && !done[1].repeat);
+    assert!(!done[2].repeat && !done[3].repeat);
+    assert!(done[4].repeat, "draw a is still in both draw windows");
+    assert_eq!(done[4].outcome.request_id, done[0].outcome.request_id);
+    assert!(
+        !done[5].repeat && done[5].outcome.admin.is_none(),
+        "a new draw"
+    );
+    assert!(done[6].repeat && done[7].repeat);
+    assert_eq!(done[6].reply(), done[2].reply());
+    assert_eq!(done[7].reply(), done[3].reply());
+    // Across a restart: both windows come back from the snapshot.
+    let again = run_engine(&config, true, &[named("c1"), admin("c1", restock(5))]);
+    assert!(again[0].repeat && again[0].outcome.admin.is_none());
+    assert_eq!(again[0].outcome.request_id, done[5].outcome.request_id);
+    assert!(again[1].repeat);
+    assert_eq!(again[1].reply(), done[2].reply());
+    check_state_with_commands(&config, &data);
+}
