@@ -1338,3 +1338,98 @@ async fn sigkill_while_commands_and_draws_flow_applies_each_command_once_and_kee
     drop((results, replies));
     names.delete(&conn).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_routing_exchange_an_added_pool_is_locked_and_bound_before_its_reply() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions};
+    let conn = require_broker().await;
+    let exchange = format!("{}.ex", Names::new("admin_shard").base);
+    let mut c = config();
+    c.amqp_extra.push(format!("exchange = {exchange:?}"));
+    let setup = Setup::new("admin_shard", c);
+    let mut worker = setup.start_ready(&conn, &[]).await;
+    wait_admin_consumer(&conn, &setup).await;
+    let run = setup.admin_cli(
+        &[
+            "add-pool",
+            "--pool",
+            "xmas",
+            "--mode",
+            "by_quantity",
+            "--items-json",
+            r#"[{"id":"elf","quantity":3}]"#,
+        ],
+        &[],
+    );
+    run.applied();
+    // Right after the reply: a request routed by the new pool's id reaches this worker.
+    let ch = op("channel.open", conn.create_channel()).await;
+    op(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await;
+    let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
+    let publish = async |mid: &str| {
+        let confirm = op(
+            "basic.publish",
+            ch.basic_publish(
+                exchange.as_str().into(),
+                "xmas".into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                request_props(Some(mid), Some(&replies.queue), Some(mid)),
+            ),
+        )
+        .await;
+        assert!(op("confirm", confirm).await.is_ack());
+    };
+    publish("x-1").await;
+    let r = result_of(&replies, "x-1").await;
+    assert_eq!(
+        (r["pool"].clone(), r["items"].clone()),
+        (json!("xmas"), json!(["elf"]))
+    );
+    // The pool's broker lock is this worker's: a second connection cannot take it.
+    let other = require_broker().await;
+    let lock_ch = op("channel.open", other.create_channel()).await;
+    let taken = rewardpool::amqp::take_lock(
+        &lock_ch,
+        "pool",
+        &rewardpool::amqp::pool_lock_name(&exchange, "xmas"),
+        5000,
+    )
+    .await;
+    assert!(
+        matches!(taken, Err(rewardpool::amqp::AmqpError::LockHeld(_))),
+        "{taken:?}"
+    );
+    // Documented limit: after a restart a shard serves its config's pools; xmas (added by
+    // add_pool, not in the config) is released and its requests wait in <exchange>.unrouted.
+    worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
+    let mut worker = setup.start_ready(&conn, &[]).await;
+    publish("x-2").await;
+    let unrouted = format!("{exchange}.unrouted");
+    wait_until(
+        "the request for the released pool in the unrouted queue",
+        Duration::from_secs(30),
+        async || must_queue_state(&conn, &unrouted).await.messages == 1,
+    )
+    .await;
+    worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
+    drop(replies);
+    setup.names.delete(&conn).await;
+    let ch = op("channel.open", conn.create_channel()).await;
+    for ex in [exchange.clone(), format!("{exchange}.ae")] {
+        let _ = tokio::time::timeout(
+            OP_TIMEOUT,
+            ch.exchange_delete(ex.as_str().into(), ExchangeDeleteOptions::default()),
+        )
+        .await;
+    }
+    let _ = tokio::time::timeout(
+        OP_TIMEOUT,
+        ch.queue_delete(unrouted.as_str().into(), Default::default()),
+    )
+    .await;
+}
