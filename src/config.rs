@@ -151,6 +151,9 @@ pub struct AmqpConfig {
     pub tls_key_file: String,
     /// Routing exchange of a sharded deployment ("" = none).
     pub exchange: String,
+    /// Pools of the durable state this worker no longer serves (moved to another worker):
+    /// never locked or bound, and no admin command applies to them (README, "Moving a pool").
+    pub released_pools: Vec<String>,
 }
 
 impl Default for AmqpConfig {
@@ -174,6 +177,7 @@ impl Default for AmqpConfig {
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             exchange: String::new(),
+            released_pools: Vec::new(),
         }
     }
 }
@@ -217,6 +221,7 @@ impl fmt::Debug for AmqpConfig {
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
             .field("exchange", &self.exchange)
+            .field("released_pools", &self.released_pools)
             .finish()
     }
 }
@@ -689,7 +694,7 @@ fn key_path(text: &str) -> Vec<Seg> {
 
 /// Whether the value at `path` is an array (its next level is an index).
 fn is_array(path: &[Seg]) -> bool {
-    matches!(path.last(), Some(Seg::Key(key)) if ["pools", "items", "allowed_users"].contains(&key.as_str()))
+    matches!(path.last(), Some(Seg::Key(key)) if ["pools", "items", "allowed_users", "released_pools"].contains(&key.as_str()))
 }
 
 /// The keys of the table at `path`, if a table belongs there.
@@ -1165,6 +1170,18 @@ fn validate_amqp(ctx: &Ctx<'_>, amqp: &AmqpConfig) -> Result<(), ConfigError> {
                     "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {} bytes)",
                     AMQP_NAME_BYTES_MAX - ".pool.".len() - ID_BYTES_MAX - ".lock".len()
                 ),
+            ));
+        }
+    }
+    for (index, pool) in amqp.released_pools.iter().enumerate() {
+        let key = format!("amqp.released_pools[{index}]");
+        if let Err(rule) = crate::seed::check_id(crate::seed::IdKind::Pool, pool) {
+            return Err(invalid(at(&key), rule.to_string()));
+        }
+        if amqp.released_pools[..index].contains(pool) {
+            return Err(invalid(
+                at(&key),
+                format!("pool {:?} is listed twice", shorten(pool)),
             ));
         }
     }
@@ -2754,6 +2771,27 @@ weight = 0
             &message,
             &["amqp.exchange", "pool locks", &fits.to_string()],
         );
+    }
+
+    #[test]
+    fn released_pools_are_pool_ids_listed_once_and_settable_from_the_environment() {
+        let file = |list: &str| {
+            format!(
+                "[amqp]\nreleased_pools = {list}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [{{ id = \"a\", quantity = 1 }}]\n"
+            )
+        };
+        assert!(Config::builtin().amqp.released_pools.is_empty());
+        let (_, ok) = load_text(&file(r#"["xmas", "p"]"#));
+        assert_eq!(ok.expect("loads").amqp.released_pools, ["xmas", "p"]);
+        let (_, _, message) = error_of(&file(r#"["xmas", "xmas"]"#));
+        assert_contains(&message, &["`amqp.released_pools[1]`", "twice", "line 2"]);
+        let (_, _, message) = error_of(&file(r#"[""]"#));
+        assert_contains(&message, &["`amqp.released_pools[0]`", "pool id"]);
+        let (_, _, message) = error_of(&file(&format!("[{:?}]", "x".repeat(ID_BYTES_MAX + 1))));
+        assert_contains(&message, &["`amqp.released_pools[0]`", "at most"]);
+        let vars = env(&[("REWARDPOOL__AMQP__RELEASED_POOLS__0", "xmas")]);
+        let config = Config::load_with_env(None, &vars).expect("env sets released_pools");
+        assert_eq!(config.amqp.released_pools, ["xmas"]);
     }
 
     #[test]
