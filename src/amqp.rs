@@ -76,7 +76,8 @@ fn classify_connect_error(e: AmqpError) -> AmqpError {
 /// Another connection holds a broker lock (see `take_lock`).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not serve the same {what} (each would use its own data directory); stop the other worker or configure this one with another {what}"
+    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not serve the same {what} (each would use its own data directory); stop the other worker or configure this one with another {what}{hint}",
+    hint = lock_hint(.what)
 )]
 pub struct LockHeld {
     /// What the lock guards ("request queue", later "pool").
@@ -84,6 +85,16 @@ pub struct LockHeld {
     pub name: String,
     /// The exclusive queue that is the lock.
     pub queue: String,
+}
+
+/// The way out of a pool lock held elsewhere that is not a misconfiguration: a pool of this
+/// worker's durable state (a config pool, or one added by `add_pool`) that was moved away.
+fn lock_hint(what: &str) -> &'static str {
+    if what == "pool" {
+        " (a pool moved to another worker stays in this one's durable state: list it in amqp.released_pools, README \"Moving a pool\")"
+    } else {
+        ""
+    }
 }
 
 impl AmqpError {

@@ -59,6 +59,8 @@ pub struct Pools {
     pub own_queues: Vec<String>,
     /// `admin.allowed_users`: empty = any user the broker lets publish to the admin queue.
     pub allowed_users: Vec<String>,
+    /// Shards: `amqp.released_pools` (see [`Pools::with_released`]).
+    released: Vec<String>,
 }
 
 struct Served {
@@ -90,7 +92,36 @@ impl Pools {
             }),
             own_queues,
             allowed_users,
+            released: Vec::new(),
         }
+    }
+
+    /// Shards (issue 12): pools of the state this worker released (`amqp.released_pools`,
+    /// moved to another worker). They are never owned here ([`Pools::ids`] leaves them out),
+    /// and admin commands naming them are rejected ([`Pools::check_not_released`]). A released
+    /// pool that is closed may stay in the index: requests still reaching this worker for it
+    /// (left in its queue, or published by name) are answered `closed`, as after the
+    /// `close_pool` of the move.
+    pub fn with_released(mut self, released: Vec<String>) -> Pools {
+        self.released = released;
+        self
+    }
+
+    /// An admin command for a released pool is for its new owner: rejected here, with why.
+    pub fn check_not_released(
+        &self,
+        command: AdminCommand,
+    ) -> Result<AdminCommand, (&'static str, String)> {
+        if self.released.iter().any(|p| p == command.pool()) {
+            return Err((
+                command.op(),
+                format!(
+                    "pool {:?} is released by this worker (amqp.released_pools: moved to another worker); send the command to its owner",
+                    message::truncate(command.pool(), 128)
+                ),
+            ));
+        }
+        Ok(command)
     }
 
     /// The engine's index of a pool this worker serves.
@@ -104,7 +135,7 @@ impl Pools {
     }
 
     /// The pools this worker serves, in a stable order: with `amqp.exchange` it owns (locks
-    /// and binds) each of them on every session.
+    /// and binds) each of them on every session. Released pools are not among them.
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .served
@@ -112,6 +143,7 @@ impl Pools {
             .expect("pools lock")
             .index
             .keys()
+            .filter(|id| !self.released.contains(id))
             .cloned()
             .collect();
         ids.sort();
@@ -425,7 +457,9 @@ async fn handle_admin(
         &pools.allowed_users,
         &pools.own_queues,
         &delivery.data,
-    ) {
+    )
+    .and_then(|command| pools.check_not_released(command))
+    {
         Ok(command) => command,
         Err((op, reason)) => {
             metrics.admin_command(op, "rejected");
@@ -691,6 +725,28 @@ mod tests {
             Ok(Admit::New(r)) => assert_eq!(r.pool, "xmas"),
             other => panic!("a draw from the added pool: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_released_pool_is_not_owned_and_takes_no_admin_command() {
+        let p = pools().with_released(vec!["spin".into()]);
+        assert_eq!(p.ids(), ["default"]);
+        // Still in the index: a request reaching this worker for it goes to the engine, which
+        // answers `closed` (the worker releases only closed pools).
+        assert_eq!(p.index_of("spin"), Some(1));
+        let command = |body: &[u8]| admin::parse_command(body).expect("a valid command");
+        let (op, reason) = p
+            .check_not_released(command(br#"{"op":"open_pool","pool":"spin"}"#))
+            .unwrap_err();
+        assert_eq!(op, "open_pool");
+        assert!(
+            reason.contains("\"spin\"") && reason.contains("amqp.released_pools"),
+            "{reason}"
+        );
+        assert!(
+            p.check_not_released(command(br#"{"op":"close_pool","pool":"default"}"#))
+                .is_ok()
+        );
     }
 
     #[test]

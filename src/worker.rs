@@ -221,43 +221,35 @@ async fn run_inner(
     let state = recovered.state;
     metrics.set_stock(&state);
     metrics.set_readiness(Readiness::Connecting);
-    // The pools served: without a routing exchange every pool of the state (the config's, and
-    // those added by `add_pool`, which live only in the state); with one, the config's pools
-    // (a pool in the state but not in the config was moved to another shard) plus the pools
-    // `add_pool` adds while this process runs (see README, "Running a campaign").
-    let mut served: std::collections::HashMap<String, u32> = config
+    // The pools served: every pool of the recovered durable state (the config's, seeded, and
+    // those added by `add_pool`, which live only in the state), except those this worker
+    // released (`amqp.released_pools`: moved to another worker). With `amqp.exchange` each
+    // served pool is locked and bound on every session before consuming (`Pools::ids`).
+    let released = released_pools(&config.amqp.released_pools, &state)?;
+    let served: std::collections::HashMap<String, u32> = state
         .pools
         .iter()
-        .map(|p| {
-            let index = state
-                .pool_index(&p.id)
-                .expect("recovery seeds every config pool");
-            (p.id.clone(), index)
+        .enumerate()
+        .filter(|(_, slot)| !released.open.iter().any(|r| **r == *slot.id))
+        .map(|(index, slot)| {
+            let index = u32::try_from(index).expect("pool index fits u32");
+            (slot.id.to_string(), index)
         })
         .collect();
-    if cfg.exchange.is_empty() {
-        for (index, slot) in state.pools.iter().enumerate() {
-            let index = u32::try_from(index).expect("pool index fits u32");
-            served.entry(slot.id.to_string()).or_insert(index);
-        }
-    }
-    let pools = Arc::new(Pools::new(
-        config.pools[0].id.clone(),
-        served,
-        u32::try_from(state.pools.len()).expect("pool count fits u32"),
-        amqp::own_queues(&config.amqp),
-        config.admin.allowed_users.clone(),
-    ));
-    // Pools in the durable state that this worker does not serve (removed from its config:
-    // moved to another shard): their old bindings are removed on every session.
-    let released: Vec<String> = state
-        .pools
-        .iter()
-        .map(|slot| slot.id.to_string())
-        .filter(|id| pools.index_of(id).is_none())
-        .collect();
-    if !released.is_empty() && !cfg.exchange.is_empty() {
-        tracing::info!(pools = ?released, "pools in the state but not served (not in the config): not bound on the routing exchange");
+    let pools = Arc::new(
+        Pools::new(
+            config.pools[0].id.clone(),
+            served,
+            u32::try_from(state.pools.len()).expect("pool count fits u32"),
+            amqp::own_queues(&config.amqp),
+            config.admin.allowed_users.clone(),
+        )
+        .with_released(released.all.clone()),
+    );
+    // Released pools: not locked, and their old bindings removed on every session.
+    let released = released.all;
+    if !released.is_empty() {
+        tracing::info!(pools = ?released, "released pools (amqp.released_pools): kept in the state, not locked or bound, no admin command applies");
     }
     let window = Admission::<Ticket>::window_of(&state);
     let (mut engine, committed) = Engine::<Ticket>::start(
@@ -439,6 +431,38 @@ async fn run_inner(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// `amqp.released_pools` checked against the recovered state.
+struct Released {
+    all: Vec<String>,
+    /// Released but open in the state (never closed before the move, e.g. an `add_pool` of a
+    /// pool another worker owned): not in the ingest index at all, so nothing is drawn from
+    /// this worker's copy; requests naming them are rejected as an unknown pool.
+    open: Vec<String>,
+}
+
+/// Every released pool must be in the durable state (a typo would leave the pool served and
+/// its lock held, blocking its new owner). One released while open is served by nobody here;
+/// the worker warns (README, "Moving a pool": close it first).
+fn released_pools(list: &[String], state: &crate::state::State) -> anyhow::Result<Released> {
+    let mut open = Vec::new();
+    for id in list {
+        let Some(index) = state.pool_index(id) else {
+            anyhow::bail!(
+                "amqp.released_pools names pool {id:?}, which is not in this worker's durable state (pools: {:?}); release only a pool this data directory has",
+                state.pools.iter().map(|p| &*p.id).collect::<Vec<_>>()
+            );
+        };
+        if !state.pools[index as usize].closed {
+            tracing::warn!(pool = %id, "released pool is open in this worker's state: requests for it reaching this worker are rejected (unknown pool), not drawn; close a pool before releasing it (README, \"Moving a pool\")");
+            open.push(id.clone());
+        }
+    }
+    Ok(Released {
+        all: list.to_vec(),
+        open,
     })
 }
 
