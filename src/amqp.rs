@@ -76,7 +76,8 @@ fn classify_connect_error(e: AmqpError) -> AmqpError {
 /// Another connection holds a broker lock (see `take_lock`).
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not serve the same {what} (each would use its own data directory); stop the other worker or configure this one with another {what}"
+    "another worker holds the broker lock on {what} {name:?} (exclusive queue {queue:?}): two workers must not serve the same {what} (each would use its own data directory); stop the other worker or configure this one with another {what}{hint}",
+    hint = lock_hint(.what)
 )]
 pub struct LockHeld {
     /// What the lock guards ("request queue", later "pool").
@@ -84,6 +85,16 @@ pub struct LockHeld {
     pub name: String,
     /// The exclusive queue that is the lock.
     pub queue: String,
+}
+
+/// The way out of a pool lock held elsewhere that is not a misconfiguration: a pool of this
+/// worker's durable state (a config pool, or one added by `add_pool`) that was moved away.
+fn lock_hint(what: &str) -> &'static str {
+    if what == "pool" {
+        " (a pool moved to another worker stays in this one's durable state: list it in amqp.released_pools, README \"Moving a pool\")"
+    } else {
+        ""
+    }
 }
 
 impl AmqpError {
@@ -253,7 +264,8 @@ fn resource_locked(error: &lapin::Error) -> bool {
     text.contains("RESOURCE_LOCKED") || text.contains("exclusive access")
 }
 
-/// Declares the dead-letter exchange, the three queues and the binding, idempotently.
+/// Declares the dead-letter exchange, the four queues (dead-letter, result, request, admin) and
+/// the binding, idempotently.
 pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     let op = cfg.operation_timeout_ms;
     let ch = &link.consume;
@@ -305,10 +317,15 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
         }
         args
     };
+    // The admin queue dead-letters like the request queue: a rejected command lands in the
+    // dead-letter queue untouched, and (quorum) a command redelivered `delivery_limit` times
+    // is dead-lettered too. A command `rewardpool admin` sent expires there after its
+    // `--timeout` (per-message TTL), so one nobody consumed in time is never applied later.
     for (queue, args) in [
         (&cfg.dead_letter_queue, base(false)),
         (&cfg.result_queue, base(false)),
         (&cfg.request_queue, base(true)),
+        (&cfg.admin_queue, base(true)),
     ] {
         declare_queue(ch, queue, args, op).await?;
     }

@@ -57,6 +57,7 @@ tls_ca_file = ""                  # PEM CA for amqps:// ("" = built-in roots)
 tls_cert_file = ""                # PEM client certificate and key: both or neither
 tls_key_file = ""
 exchange = ""                     # routing exchange of a sharded deployment ("" = none)
+released_pools = []               # pools moved to another worker: never locked, bound or changed here
 
 [storage]
 data_dir = "data"
@@ -180,6 +181,9 @@ pub struct AmqpConfig {
     pub tls_cert_file: String,
     pub tls_key_file: String,
     pub exchange: String,
+    /// Pools of the durable state this worker no longer serves (moved to another worker):
+    /// never locked or bound, and no admin command applies to them (README, "Moving a pool").
+    pub released_pools: Vec<String>,
 }
 
 impl AmqpConfig {
@@ -857,6 +861,13 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
         "amqp.exchange",
         exchange_problem.filter(|_| !exchange.is_empty()),
     );
+    for (index, pool) in amqp.released_pools.iter().enumerate() {
+        let rule = crate::seed::check_id(crate::seed::IdKind::Pool, pool).err();
+        let twice = amqp.released_pools[..index].contains(pool);
+        let twice = twice.then(|| format!("pool {:?} is listed twice", shorten(pool)));
+        let problem = rule.map(|rule| rule.to_string()).or(twice);
+        check(&format!("amqp.released_pools[{index}]"), problem);
+    }
     let (cert, key) = (amqp.tls_cert_file.is_empty(), amqp.tls_key_file.is_empty());
     let tls = "tls_cert_file and tls_key_file go together: set both or neither".to_owned();
     let tls_key = ["amqp.tls_cert_file", "amqp.tls_key_file"][usize::from(cert)];
@@ -2206,6 +2217,27 @@ weight = 0
             &message,
             &["amqp.exchange", "pool locks", &fits.to_string()],
         );
+    }
+
+    #[test]
+    fn released_pools_are_pool_ids_listed_once_and_settable_from_the_environment() {
+        let file = |list: &str| {
+            format!(
+                "[amqp]\nreleased_pools = {list}\n\n[[pools]]\nid = \"p\"\nmode = \"by_quantity\"\nitems = [{{ id = \"a\", quantity = 1 }}]\n"
+            )
+        };
+        assert!(Config::builtin().amqp.released_pools.is_empty());
+        let (_, ok) = load_text(&file(r#"["xmas", "p"]"#));
+        assert_eq!(ok.expect("loads").amqp.released_pools, ["xmas", "p"]);
+        let (_, _, message) = error_of(&file(r#"["xmas", "xmas"]"#));
+        assert_contains(&message, &["`amqp.released_pools[1]`", "twice", "line 2"]);
+        let (_, _, message) = error_of(&file(r#"[""]"#));
+        assert_contains(&message, &["`amqp.released_pools[0]`", "pool id"]);
+        let (_, _, message) = error_of(&file(&format!("[{:?}]", "x".repeat(ID_BYTES_MAX + 1))));
+        assert_contains(&message, &["`amqp.released_pools[0]`", "at most"]);
+        let vars = env(&[("REWARDPOOL__AMQP__RELEASED_POOLS__0", "xmas")]);
+        let config = Config::load_with_env(None, &vars).expect("env sets released_pools");
+        assert_eq!(config.amqp.released_pools, ["xmas"]);
     }
 
     #[test]

@@ -11,8 +11,18 @@
 //!
 //! Reply confirms are awaited here in a bounded set (lapin keeps dropped confirms until
 //! `wait_for_confirms`, so they must not be dropped).
+//!
+//! Admin commands come from a second consumer on the same channel (so one ack tracker covers
+//! both), with its own small prefetch (`limits::ADMIN_PREFETCH`). For each, in this order:
+//! the properties (as for requests), `admin.allowed_users` against the `user_id` property (the
+//! broker checked it is the publisher's own user), the body (`admin::parse_command`, strict).
+//! A command that fails gets a `rejected` reply and is dead-lettered; nothing changes. One
+//! that passes takes an ID and goes to the engine, which decides between two draws (applied,
+//! a repeat of an earlier `message_id`, or refused by the state's rules); settle replies.
+//! An admin command gets no `accepted` reply: its one reply is the outcome.
 
-use crate::admission::{Admission, DrawSpec, EngineGone, RepeatOf, Submission};
+use crate::admin::{self, AdminCommand};
+use crate::admission::{AdminSpec, Admission, DrawSpec, EngineGone, RepeatOf, Submission};
 use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
@@ -24,7 +34,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use lapin::{Consumer, PublisherConfirm};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
 use crate::limits::INGEST_REPLY_CONFIRMS_MAX as REPLY_CONFIRMS_MAX;
@@ -39,21 +49,119 @@ pub enum IngestEnd {
     Failed(String),
 }
 
-/// Pool names of the config, resolved to the engine's pool indexes.
+/// The pools this worker serves, resolved to the engine's pool indexes; shared by ingest
+/// (which reads it per request) and settle (which adds a pool once its `add_pool` is durable,
+/// before the command's reply, so every draw accepted after the reply can name it).
 pub struct Pools {
     pub default_pool: String,
-    pub index: HashMap<String, u32>,
+    served: RwLock<Served>,
     /// `amqp::own_queues`: where no reply may go.
     pub own_queues: Vec<String>,
+    /// `admin.allowed_users`: empty = any user the broker lets publish to the admin queue.
+    pub allowed_users: Vec<String>,
+    /// Shards: `amqp.released_pools` (see [`Pools::with_released`]).
+    released: Vec<String>,
+}
+
+struct Served {
+    index: HashMap<String, u32>,
+    /// Pools in the engine's state, served or not: the index the next `add_pool` gets (pool
+    /// indexes only grow, in the engine's order, which is the order settle sees).
+    state_pools: u32,
 }
 
 impl Pools {
+    /// `served`: pool id → the engine's index; `state_pools`: how many pools the recovered
+    /// state has.
+    pub fn new(
+        default_pool: String,
+        served: HashMap<String, u32>,
+        state_pools: u32,
+        own_queues: Vec<String>,
+        allowed_users: Vec<String>,
+    ) -> Pools {
+        assert!(
+            served.values().all(|i| *i < state_pools),
+            "a served pool is not in the state"
+        );
+        Pools {
+            default_pool,
+            served: RwLock::new(Served {
+                index: served,
+                state_pools,
+            }),
+            own_queues,
+            allowed_users,
+            released: Vec::new(),
+        }
+    }
+
+    /// Shards (issue 12): pools of the state this worker released (`amqp.released_pools`,
+    /// moved to another worker). They are never owned here ([`Pools::ids`] leaves them out),
+    /// and admin commands naming them are rejected ([`Pools::check_not_released`]). A released
+    /// pool that is closed may stay in the index: requests still reaching this worker for it
+    /// (left in its queue, or published by name) are answered `closed`, as after the
+    /// `close_pool` of the move.
+    pub fn with_released(mut self, released: Vec<String>) -> Pools {
+        self.released = released;
+        self
+    }
+
+    /// An admin command for a released pool is for its new owner: rejected here, with why.
+    pub fn check_not_released(
+        &self,
+        command: AdminCommand,
+    ) -> Result<AdminCommand, (&'static str, String)> {
+        if self.released.iter().any(|p| p == command.pool()) {
+            return Err((
+                command.op(),
+                format!(
+                    "pool {:?} is released by this worker (amqp.released_pools: moved to another worker); send the command to its owner",
+                    message::truncate(command.pool(), 128)
+                ),
+            ));
+        }
+        Ok(command)
+    }
+
+    /// The engine's index of a pool this worker serves.
+    pub fn index_of(&self, pool: &str) -> Option<u32> {
+        self.served
+            .read()
+            .expect("pools lock")
+            .index
+            .get(pool)
+            .copied()
+    }
+
     /// The pools this worker serves, in a stable order: with `amqp.exchange` it owns (locks
-    /// and binds) each of them on every session.
+    /// and binds) each of them on every session. Released pools are not among them.
     pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.index.keys().cloned().collect();
+        let mut ids: Vec<String> = self
+            .served
+            .read()
+            .expect("pools lock")
+            .index
+            .keys()
+            .filter(|id| !self.released.contains(id))
+            .cloned()
+            .collect();
         ids.sort();
         ids
+    }
+
+    /// An `add_pool` of `id` is durable: the engine appended it at the next index, and this
+    /// worker serves it from now on. Returns that index.
+    pub fn added(&self, id: &str) -> u32 {
+        let mut served = self.served.write().expect("pools lock");
+        let index = served.state_pools;
+        served.state_pools += 1;
+        let previous = served.index.insert(id.to_string(), index);
+        assert!(
+            previous.is_none(),
+            "add_pool of {id:?} applied, but the pool was already served"
+        );
+        index
     }
 }
 
@@ -71,9 +179,38 @@ pub async fn start_consumer(session: &Session, queue: &str) -> Result<Consumer, 
     .await
 }
 
+/// Consumes the admin queue on the same channel as the requests, after the request consumer:
+/// a per-consumer `basic.qos` of `limits::ADMIN_PREFETCH` set in between applies to this
+/// consumer only (RabbitMQ: a non-global qos is the limit of each consumer started after it).
+pub async fn start_admin_consumer(session: &Session) -> Result<Consumer, AmqpError> {
+    let op = session.cfg.operation_timeout_ms;
+    timed(
+        "basic.qos (admin)",
+        op,
+        session.consume.basic_qos(
+            crate::limits::ADMIN_PREFETCH,
+            lapin::options::BasicQosOptions::default(),
+        ),
+    )
+    .await?;
+    timed(
+        "basic.consume (admin)",
+        op,
+        session.consume.basic_consume(
+            session.cfg.admin_queue.as_str().into(),
+            format!("rewardpool-admin-{}-{}", std::process::id(), session.epoch).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     session: Arc<Session>,
     mut consumer: Consumer,
+    mut admin_consumer: Consumer,
     admission: &mut Admission<Ticket>,
     pools: &Pools,
     metrics: &Metrics,
@@ -103,18 +240,31 @@ pub async fn run(
                     }
                 }
             },
+            delivery = admin_consumer.next(), if confirms.len() < REPLY_CONFIRMS_MAX => match delivery {
+                None => break IngestEnd::Failed("the broker cancelled the admin consumer".into()),
+                Some(Err(e)) => break IngestEnd::Failed(format!("admin consumer: {e}")),
+                Some(Ok(delivery)) => {
+                    match handle_admin(&session, admission, pools, metrics, delivery, &mut confirms).await {
+                        Ok(()) => {}
+                        Err(HandleError::EngineGone) => break IngestEnd::EngineGone,
+                        Err(HandleError::Broker(e)) => break IngestEnd::Failed(e.to_string()),
+                    }
+                }
+            },
         }
     };
     if matches!(end, IngestEnd::Shutdown) {
         // Stop deliveries; those already buffered but not accepted are requeued at the end.
-        let _ = timed(
-            "basic.cancel",
-            session.cfg.operation_timeout_ms,
-            session
-                .consume
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
-        )
-        .await;
+        for tag in [consumer.tag(), admin_consumer.tag()] {
+            let _ = timed(
+                "basic.cancel",
+                session.cfg.operation_timeout_ms,
+                session
+                    .consume
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await;
+        }
     }
     // Reply confirms are best effort; wait briefly so none is dropped unresolved.
     let _ = tokio::time::timeout(
@@ -222,7 +372,9 @@ async fn handle(
             })?,
             DrawSpec {
                 message_id: mid.map(str::to_string),
-                pool_index: pools.index[&request.pool],
+                pool_index: pools
+                    .index_of(&request.pool)
+                    .expect("admit checked the pool, and pools are never removed"),
                 user: request.user,
                 count: request.count,
             },
@@ -263,6 +415,7 @@ async fn handle(
         reply_to,
         correlation_id,
         received,
+        admin_op: None,
     };
     admission.submit(submission, ticket).await?;
     metrics.inflight.inc();
@@ -270,6 +423,154 @@ async fn handle(
         .stage_accepted
         .observe(received.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// One delivery of the admin queue: rejected here (dead-lettered, `rejected` reply), or given
+/// an ID and sent to the engine, which decides.
+async fn handle_admin(
+    session: &Session,
+    admission: &mut Admission<Ticket>,
+    pools: &Pools,
+    metrics: &Metrics,
+    delivery: lapin::message::Delivery,
+    confirms: &mut FuturesUnordered<PublisherConfirm>,
+) -> Result<(), HandleError> {
+    let received = std::time::Instant::now();
+    let tag = delivery.delivery_tag;
+    let props = delivery.properties;
+    let message_id = props.message_id().clone();
+    let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
+    let correlation_id = props.correlation_id().clone();
+    let mid = message_id.as_ref().map(|m| m.as_str());
+    let user_id = props.user_id().as_ref().map(|u| u.as_str());
+    let request_props = message::RequestProps {
+        message_id: mid,
+        correlation_id: correlation_id.as_ref().map(|c| c.as_str()),
+        reply_to: reply_to.as_ref().map(|r| r.as_str()),
+        kind: props.kind().as_ref().map(|k| k.as_str()),
+        content_type: props.content_type().as_ref().map(|t| t.as_str()),
+        content_encoding: props.content_encoding().as_ref().map(|e| e.as_str()),
+    };
+    let command = match admit_admin(
+        &request_props,
+        user_id,
+        &pools.allowed_users,
+        &pools.own_queues,
+        &delivery.data,
+    )
+    .and_then(|command| pools.check_not_released(command))
+    {
+        Ok(command) => command,
+        Err((op, reason)) => {
+            metrics.admin_command(op, "rejected");
+            tracing::warn!(
+                message_id = mid.unwrap_or(""),
+                correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
+                user_id = user_id.unwrap_or(""),
+                op,
+                %reason,
+                "admin command rejected to the dead-letter queue"
+            );
+            if let Some(reply_to) = &reply_to
+                && message::reply_allowed(reply_to.as_str(), &pools.own_queues)
+            {
+                let confirm = session
+                    .publish(
+                        reply_to.as_str(),
+                        admin::rejected_reply(&reason).as_bytes(),
+                        reply_properties("rejected", &correlation_id),
+                    )
+                    .await?;
+                confirms.push(confirm);
+            }
+            session.reject(tag).await?;
+            return Ok(());
+        }
+    };
+    let op = command.op();
+    let new = admission.assign_admin().await?;
+    metrics.last_request_id.set(new.request_id as i64);
+    tracing::info!(
+        message_id = mid.unwrap_or(""),
+        correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
+        user_id = user_id.unwrap_or(""),
+        op,
+        pool = message::truncate(command.pool(), 128),
+        request_id = new.request_id,
+        "admin command to the engine"
+    );
+    let spec = AdminSpec {
+        message_id: mid.map(str::to_string),
+        command,
+    };
+    let ticket = Ticket {
+        epoch: session.epoch,
+        delivery_tag: tag,
+        message_id,
+        reply_to,
+        correlation_id,
+        received,
+        admin_op: Some(op),
+    };
+    admission
+        .submit(Submission::Admin(new, spec), ticket)
+        .await?;
+    metrics.inflight.inc();
+    Ok(())
+}
+
+/// The contract's op name of a command body that did not parse, for the metric's `op` label
+/// (a bounded set: an op the worker does not know is `unknown`).
+fn op_label(body: &[u8]) -> &'static str {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    else {
+        return "unknown";
+    };
+    match map.get("op").and_then(|o| o.as_str()) {
+        Some(op) => crate::metrics::ADMIN_OPS
+            .iter()
+            .find(|known| **known == op)
+            .copied()
+            .unwrap_or("unknown"),
+        None => "unknown",
+    }
+}
+
+/// Decides what an admin delivery is, before it takes an ID: a command for the engine, or a
+/// rejection with its op label and reason. Properties are checked as for requests; then
+/// `admin.allowed_users` (when set, the `user_id` property must be present and listed; the
+/// broker refuses a `user_id` that is not the publishing connection's user); then the body.
+fn admit_admin(
+    props: &message::RequestProps,
+    user_id: Option<&str>,
+    allowed_users: &[String],
+    own_queues: &[String],
+    body: &[u8],
+) -> Result<AdminCommand, (&'static str, String)> {
+    message::check_properties(props, own_queues).map_err(|e| (op_label(body), e))?;
+    if !allowed_users.is_empty() {
+        match user_id {
+            None => {
+                return Err((
+                    op_label(body),
+                    "no user_id property: admin.allowed_users is set, so a command must carry \
+                     user_id = one of those users (rewardpool admin sets it to the user of amqp.url)"
+                        .into(),
+                ));
+            }
+            Some(user) if !allowed_users.iter().any(|a| a == user) => {
+                return Err((
+                    op_label(body),
+                    format!(
+                        "user {:?} is not in admin.allowed_users",
+                        message::truncate(user, 128)
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    admin::parse_command(body).map_err(|e| (op_label(body), e))
 }
 
 /// Decides what a delivery is, before any reply and without handing out an ID: a repeat (known
@@ -296,7 +597,7 @@ fn admit<T>(
     // Through the exchange a body naming another pool is a mismatch, whether or not this
     // worker serves that pool: it passes the existence check here and is rejected below.
     let request = message::parse_request(body, default_pool, |p| {
-        pools.index.contains_key(p) || routed_pool.is_some_and(|key| key != p)
+        pools.index_of(p).is_some() || routed_pool.is_some_and(|key| key != p)
     })?;
     if let Some(key) = routed_pool
         && request.pool != key
@@ -332,11 +633,13 @@ mod tests {
     }
 
     fn pools() -> Pools {
-        Pools {
-            default_pool: "default".into(),
-            index: HashMap::from([("default".into(), 0), ("spin".into(), 1)]),
-            own_queues: Vec::new(),
-        }
+        Pools::new(
+            "default".into(),
+            HashMap::from([("default".into(), 0), ("spin".into(), 1)]),
+            2,
+            Vec::new(),
+            Vec::new(),
+        )
     }
 
     fn admission() -> (Admission<u32>, mpsc::Receiver<Command<u32>>) {
@@ -408,6 +711,94 @@ mod tests {
         let long_id = "y".repeat(300);
         let _ = a.assign_blocking(Some(&long_id)).unwrap();
         assert!(admit(&a, &pools(), &props(Some(&long_id)), &[], None, b"{}").is_err());
+    }
+
+    #[test]
+    fn an_added_pool_is_served_at_the_next_index() {
+        let p = pools();
+        assert_eq!(p.index_of("xmas"), None);
+        assert_eq!(p.added("xmas"), 2);
+        assert_eq!(p.index_of("xmas"), Some(2));
+        assert_eq!(p.ids(), ["default", "spin", "xmas"]);
+        let (a, _rx) = admission();
+        match admit(&a, &p, &props(None), &[], None, br#"{"pool":"xmas"}"#) {
+            Ok(Admit::New(r)) => assert_eq!(r.pool, "xmas"),
+            other => panic!("a draw from the added pool: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_released_pool_is_not_owned_and_takes_no_admin_command() {
+        let p = pools().with_released(vec!["spin".into()]);
+        assert_eq!(p.ids(), ["default"]);
+        // Still in the index: a request reaching this worker for it goes to the engine, which
+        // answers `closed` (the worker releases only closed pools).
+        assert_eq!(p.index_of("spin"), Some(1));
+        let command = |body: &[u8]| admin::parse_command(body).expect("a valid command");
+        let (op, reason) = p
+            .check_not_released(command(br#"{"op":"open_pool","pool":"spin"}"#))
+            .unwrap_err();
+        assert_eq!(op, "open_pool");
+        assert!(
+            reason.contains("\"spin\"") && reason.contains("amqp.released_pools"),
+            "{reason}"
+        );
+        assert!(
+            p.check_not_released(command(br#"{"op":"close_pool","pool":"default"}"#))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn admin_commands_pass_the_allow_list_and_the_strict_parser() {
+        let body = br#"{"op":"restock","pool":"default","item":"gold","add":1}"#;
+        let none: Vec<String> = Vec::new();
+        let ops = vec!["ops".to_string()];
+        let p = props(Some("a-1"));
+        // No list: anyone, with or without user_id.
+        assert!(admit_admin(&p, None, &none, &[], body).is_ok());
+        assert!(admit_admin(&p, Some("bob"), &none, &[], body).is_ok());
+        // A list: the user_id must be present and listed; the reason names the rule.
+        assert!(admit_admin(&p, Some("ops"), &ops, &[], body).is_ok());
+        let (op, reason) = admit_admin(&p, Some("bob"), &ops, &[], body).unwrap_err();
+        assert_eq!(op, "restock");
+        assert!(
+            reason.contains("\"bob\"") && reason.contains("admin.allowed_users"),
+            "{reason}"
+        );
+        let (_, reason) = admit_admin(&p, None, &ops, &[], body).unwrap_err();
+        assert!(
+            reason.contains("user_id") && reason.contains("admin.allowed_users"),
+            "{reason}"
+        );
+        // The body: strict, and an op the worker does not know is labelled `unknown`.
+        let (op, reason) =
+            admit_admin(&p, None, &none, &[], br#"{"op":"explode","pool":"p"}"#).unwrap_err();
+        assert_eq!(op, "unknown");
+        assert!(reason.contains("unknown op"), "{reason}");
+        let (op, _) = admit_admin(&p, None, &none, &[], b"\xff").unwrap_err();
+        assert_eq!(op, "unknown");
+        let (op, _) = admit_admin(
+            &p,
+            None,
+            &none,
+            &[],
+            br#"{"op":"set_weight","pool":"p","item":"i"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(op, "set_weight");
+        // Properties as for requests: the worker's own type, a reply_to of its own.
+        let own = message::RequestProps {
+            kind: Some("admin_result"),
+            ..Default::default()
+        };
+        assert!(admit_admin(&own, None, &none, &[], body).is_err());
+        let queues = vec!["rp.admin".to_string()];
+        let loop_back = message::RequestProps {
+            reply_to: Some("rp.admin"),
+            ..Default::default()
+        };
+        assert!(admit_admin(&loop_back, None, &none, &queues, body).is_err());
     }
 
     #[test]

@@ -33,6 +33,7 @@
 //! - [`acks`]: which delivery tags to ack, `multiple` where possible, never twice.
 //! - [`worker`]: `rewardpool run`: recovery, the engine, the reconnect loop, the shutdown path.
 //! - [`shutdown`]: SIGINT/SIGTERM into one watch channel.
+//! - [`admin_client`]: `rewardpool admin`: one admin command through the broker, its reply.
 //!
 //! Tools live outside the library: `src/bin/rewardpool-drill.rs` (the engine alone under
 //! synthetic load, for crash tests) and the `rewardpool-bench` crate in `tools/bench/`
@@ -40,6 +41,7 @@
 
 pub mod acks;
 pub mod admin;
+pub mod admin_client;
 pub mod admission;
 pub mod amqp;
 pub mod audit;

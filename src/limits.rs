@@ -50,6 +50,17 @@ pub const INGEST_REPLY_CONFIRMS_MAX: usize = 4096;
 pub const SETTLE_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// Completions settle groups into one ack pass.
 pub const SETTLE_GROUP_COMPLETIONS_MAX: usize = 4096;
+/// Unacked admin commands delivered to the worker at once (the admin consumer's own prefetch:
+/// commands are rare, and a flood of them must not take the request queue's prefetch).
+pub const ADMIN_PREFETCH: u16 = 16;
+/// Largest admin reply the worker publishes as is: a `pool_state` over this (a pool of
+/// millions of items) is sent without its items (`items_omitted`), so a reply can never exceed
+/// the broker's message size and wedge the session in a redelivery loop.
+pub const ADMIN_REPLY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest reply `rewardpool admin` reads (a bigger one is reported, not printed).
+pub const ADMIN_CLIENT_REPLY_BYTES_MAX: usize = ADMIN_REPLY_BYTES_MAX + 64 * 1024;
+/// Largest `rewardpool admin --timeout` (1 hour), in seconds.
+pub const ADMIN_TIMEOUT_SECS_MAX: u64 = 3600;
 
 // --- storage ----------------------------------------------------------------------------------
 
@@ -86,6 +97,11 @@ pub const WAL_GROUP_BATCHES_MAX: usize = 64;
 pub const BATCH_RECORD_BYTES_ESTIMATE: usize = 96;
 
 // --- ties between layers (checked at compile time) ---------------------------------------------
+
+// `rewardpool admin` reads every reply the worker may send.
+const _: () = assert!(ADMIN_REPLY_BYTES_MAX < ADMIN_CLIENT_REPLY_BYTES_MAX);
+// The admin timeout is a message TTL in milliseconds (a u32-sized AMQP expiration is plenty).
+const _: () = assert!(ADMIN_TIMEOUT_SECS_MAX * 1000 <= TIMEOUT_MS_MAX);
 
 // An id that config or an admin command accepts fits a record's one-byte length prefix.
 const _: () = assert!(ID_BYTES_MAX <= RECORD_NAME_BYTES_MAX);

@@ -41,6 +41,9 @@ enum Command {
     Top(TopArgs),
     /// Re-derive every retained draw and check the log's story; changes no file.
     Audit(AuditArgs),
+    /// Send one admin command to the running worker and print its reply (exit 0 applied,
+    /// 1 rejected, 2 no reply in time, 3 not sent).
+    Admin(rewardpool::admin_client::AdminArgs),
 }
 
 #[derive(Args)]
@@ -128,6 +131,11 @@ fn log_format(cli: &Cli) -> LogFormat {
         Command::Wal {
             command: WalCommand::Dump(c),
         } => Some(c),
+        Command::Admin(a) => {
+            return Config::load(a.op.send_options().config.as_deref())
+                .map(|c| c.log.format)
+                .unwrap_or_default();
+        }
         Command::Top(t) => {
             return Config::load(t.config.as_deref())
                 .map(|c| c.log.format)
@@ -198,6 +206,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        // Its own exit codes (the contract's 0/1/2, and 3 for "not sent"), its own errors.
+        Command::Admin(args) => Ok(rewardpool::admin_client::main(args)),
         Command::Top(args) => {
             let url = match args.url {
                 Some(url) => url,

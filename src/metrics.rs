@@ -282,7 +282,7 @@ impl Metrics {
                         .set((quantity + item.issued) as i64);
                 }
             }
-            for status in ["won", "empty"] {
+            for status in ["won", "empty", "closed"] {
                 drop(self.results.get_or_create(&vec![
                     ("pool".into(), slot.id.to_string()),
                     ("status".into(), status.into()),
@@ -292,7 +292,50 @@ impl Metrics {
         self.last_request_id.set(state.last_drawn_id as i64);
     }
 
-    /// Counts one admin command (`outcome`: `applied` or `rejected`). The admin engineer's hook.
+    /// Sets the stock gauges of what an applied admin command's reply shows (its `item`, or
+    /// every item of its `pool_state`), in engine order before any later draw is counted, so a
+    /// restock or a new item is on the gauges from its reply on. Unlimited items have none.
+    pub fn admin_stock(&self, reply: &str) {
+        let Ok(reply) = serde_json::from_str::<serde_json::Value>(reply) else {
+            return;
+        };
+        let set = |pool: &str, item: &serde_json::Value| {
+            let (Some(id), Some(quantity), Some(stocked)) = (
+                item["id"].as_str(),
+                item["quantity"].as_u64(),
+                item["stocked"].as_u64(),
+            ) else {
+                return;
+            };
+            let labels = pool_item(pool, id);
+            drop(self.items_drawn.get_or_create(&labels));
+            self.stock_remaining
+                .get_or_create(&labels)
+                .set(quantity as i64);
+            self.stock_stocked
+                .get_or_create(&labels)
+                .set(stocked as i64);
+        };
+        if let Some(pool) = reply["pool"].as_str() {
+            if reply["item"].is_object() {
+                set(pool, &reply["item"]);
+            }
+            if let Some(items) = reply["pool_state"]["items"].as_array() {
+                for item in items {
+                    set(pool, item);
+                }
+                for status in ["won", "empty", "closed"] {
+                    drop(self.results.get_or_create(&vec![
+                        ("pool".into(), pool.to_string()),
+                        ("status".into(), status.into()),
+                    ]));
+                }
+            }
+        }
+    }
+
+    /// Counts one admin command (`outcome`: `applied` or `rejected`; `op` one of
+    /// [`ADMIN_OPS`] or `unknown` for a body whose op is not one).
     pub fn admin_command(&self, op: &str, outcome: &str) {
         self.admin_commands
             .get_or_create(&vec![

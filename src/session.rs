@@ -24,6 +24,9 @@ pub struct Ticket {
     pub correlation_id: Option<ShortString>,
     /// When the delivery reached ingest: the request stage latencies are measured from it.
     pub received: std::time::Instant,
+    /// An admin command's op (the contract's name); `None` for a draw request. Settle answers
+    /// a command with its reply (`admin_result` or `rejected`) instead of a result.
+    pub admin_op: Option<&'static str>,
 }
 
 pub struct Session {

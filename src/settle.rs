@@ -9,13 +9,24 @@
 //!
 //! Completions of an older session are dropped: their deliveries were returned to the queue
 //! when that connection died, and come back as repeats. So the WAL is the outbox.
+//!
+//! Admin commands settle in the same order and under the same rule, with their own answer
+//! ([`answer`]): an applied command (or a repeat of one) gets its `admin_result` reply on
+//! `reply_to` only (its record is on disk: the batch is durable) and is acked once that reply
+//! is confirmed; a command the state refused gets a `rejected` reply and is dead-lettered once
+//! the reply is confirmed. Before an applied `add_pool`'s reply the new pool becomes one this
+//! worker serves (ingest accepts draws for it; with `amqp.exchange` it is locked and bound),
+//! so every draw accepted after the reply can use it.
 
-use crate::engine::Committed;
+use crate::engine::{Committed, Completion};
+use crate::ingest::Pools;
+use crate::limits::ADMIN_REPLY_BYTES_MAX;
 use crate::message::result_body;
 use crate::metrics::{DrawCounters, Metrics};
-use crate::session::{Session, Ticket, result_properties};
+use crate::session::{Session, Ticket, reply_properties, result_properties};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
+use std::borrow::Cow;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -31,14 +42,106 @@ pub struct SettleStats {
     pub dropped_stale: u64,
 }
 
-/// A delivery's ticket and what its result confirms said.
-type Confirmed = (Ticket, Result<bool, String>);
+/// A delivery's ticket, whether it is dead-lettered (a rejected admin command) rather than
+/// acked, and what its publishes' confirms said.
+type Confirmed = (Ticket, bool, Result<bool, String>);
 type Settled = (Arc<Session>, Vec<Confirmed>);
+
+/// What a durable completion is answered with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<'a> {
+    /// A draw: its result to the result queue and `reply_to`; then ack.
+    Result,
+    /// An admin reply (or a refusal) to `reply_to` only: `type` and body; then ack, or
+    /// dead-letter (`dead_letter`) when nothing was applied.
+    Reply {
+        kind: &'static str,
+        body: Cow<'a, str>,
+        dead_letter: bool,
+    },
+}
+
+/// How a completion is answered. A draw gets its result. An admin command gets its reply: the
+/// applied reply (also for a repeat: the first one), or `rejected` with the reason the state
+/// refused it. A `message_id` shared by a draw and an admin command (the engine's window holds
+/// both) is refused on the side that came second: it names the other one's request ID.
+pub fn answer(c: &Completion<Ticket>) -> Answer<'_> {
+    let rejected = |reason: String| Answer::Reply {
+        kind: "rejected",
+        body: Cow::Owned(crate::admin::rejected_reply(&reason)),
+        dead_letter: true,
+    };
+    match (c.ticket.admin_op, &c.outcome.admin, &c.rejected) {
+        (None, None, _) => Answer::Result,
+        (None, Some(_), _) => rejected(format!(
+            "message_id was already used by admin command {}; a draw needs its own",
+            c.outcome.request_id
+        )),
+        (Some(_), _, Some(reason)) => rejected(reason.clone()),
+        (Some(_), Some(applied), None) => Answer::Reply {
+            kind: "admin_result",
+            body: bounded_reply(&applied.reply),
+            dead_letter: false,
+        },
+        (Some(_), None, None) => rejected(format!(
+            "message_id was already used by draw request {}; a command needs its own",
+            c.outcome.request_id
+        )),
+    }
+}
+
+/// An applied reply as sent: as the engine made it, unless it is over
+/// `limits::ADMIN_REPLY_BYTES_MAX` (a `pool_state` of millions of items), which would exceed
+/// the broker's message size and fail the session on every redelivery: then `pool_state`
+/// keeps its fields but `items` is `[]` and `items_omitted` says how many there are.
+pub fn bounded_reply(reply: &str) -> Cow<'_, str> {
+    if reply.len() <= ADMIN_REPLY_BYTES_MAX {
+        return Cow::Borrowed(reply);
+    }
+    let mut value: serde_json::Value =
+        serde_json::from_str(reply).expect("the engine's reply is JSON");
+    if let Some(state) = value.get_mut("pool_state")
+        && let Some(items) = state.get_mut("items")
+    {
+        let n = items.as_array().map_or(0, |a| a.len());
+        *items = serde_json::Value::Array(Vec::new());
+        state["items_omitted"] = n.into();
+    }
+    let text = value.to_string();
+    assert!(
+        text.len() <= ADMIN_REPLY_BYTES_MAX,
+        "an admin reply without items is still {} bytes",
+        text.len()
+    );
+    Cow::Owned(text)
+}
+
+/// Bookkeeping of a durable admin completion, in engine order (before any reply): the metric,
+/// the stock gauges, and a new pool served from now on.
+fn admin_durable(c: &Completion<Ticket>, op: &'static str, pools: &Pools, metrics: &Metrics) {
+    match answer(c) {
+        Answer::Reply {
+            dead_letter: true, ..
+        } => metrics.admin_command(op, "rejected"),
+        _ if c.repeat => {}
+        _ => {
+            metrics.admin_command(op, "applied");
+            if let Some(applied) = &c.outcome.admin {
+                if op == "add_pool" {
+                    let index = pools.added(&c.outcome.pool);
+                    tracing::info!(pool = %c.outcome.pool, index, "pool added: served from now on");
+                }
+                metrics.admin_stock(&applied.reply);
+            }
+        }
+    }
+}
 
 pub async fn run(
     mut committed: mpsc::Receiver<Committed<Ticket>>,
     current: watch::Receiver<Option<Arc<Session>>>,
     metrics: Arc<Metrics>,
+    pools: Arc<Pools>,
 ) -> SettleStats {
     let mut stats = SettleStats::default();
     let mut counters = metrics.draw_counters();
@@ -74,14 +177,20 @@ pub async fn run(
                                 Err(_) => break,
                             }
                         }
-                        // Durable: count the draws (whatever happens to their results).
+                        // Durable: count the draws (whatever happens to their results), and
+                        // take in admin commands in engine order.
                         for c in &batch.completions {
-                            if !c.repeat {
-                                counters.drawn(&c.outcome);
+                            match c.ticket.admin_op {
+                                Some(op) => admin_durable(c, op, &pools, &metrics),
+                                None => {
+                                    if !c.repeat && c.outcome.admin.is_none() {
+                                        counters.drawn(&c.outcome);
+                                    }
+                                    metrics
+                                        .stage_durable
+                                        .observe(c.ticket.received.elapsed().as_secs_f64());
+                                }
                             }
-                            metrics
-                                .stage_durable
-                                .observe(c.ticket.received.elapsed().as_secs_f64());
                         }
                         let session = current.borrow().clone();
                         match session {
@@ -152,6 +261,53 @@ async fn publish_batch(
             stats.dropped_stale += 1;
             continue;
         }
+        if let Answer::Reply {
+            kind,
+            body,
+            dead_letter,
+        } = answer(&c)
+        {
+            // An applied add_pool: lock and bind it (with amqp.exchange) before its reply.
+            if kind == "admin_result"
+                && c.ticket.admin_op == Some("add_pool")
+                && let Err(e) = session.own_pool(&c.outcome.pool).await
+            {
+                tracing::error!(pool = %c.outcome.pool, error = %e, "the pool added by add_pool cannot be owned on the routing exchange");
+                session.fail(format!("add_pool {:?}: {e}", &*c.outcome.pool));
+                break;
+            }
+            // Crash tests: the command is durable, its reply not sent (it comes back as a
+            // repeat and gets the first reply).
+            crate::failpoint::failpoint("settle.before_admin_reply");
+            let mut confirms = Vec::with_capacity(1);
+            if let Some(reply_to) = &c.ticket.reply_to {
+                match session
+                    .publish(
+                        reply_to.as_str(),
+                        body.as_bytes(),
+                        reply_properties(kind, &c.ticket.correlation_id),
+                    )
+                    .await
+                {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(e) => {
+                        session.fail(format!("admin reply publish: {e}"));
+                        break;
+                    }
+                }
+            }
+            tracing::info!(
+                message_id = c.ticket.message_id.as_ref().map_or("", |m| m.as_str()),
+                correlation_id = c.ticket.correlation_id.as_ref().map_or("", |m| m.as_str()),
+                request_id = c.outcome.request_id,
+                op = c.ticket.admin_op.unwrap_or("draw"),
+                repeat = c.repeat,
+                kind,
+                "admin command answered"
+            );
+            pending.push((c.ticket, dead_letter, confirms));
+            continue;
+        }
         counters.result(&c.outcome);
         let body = result_body(&c.outcome, c.ticket.message_id.as_ref().map(|m| m.as_str()));
         let props = result_properties(c.outcome.request_id, &c.ticket.correlation_id);
@@ -175,7 +331,7 @@ async fn publish_batch(
                 }
             }
         }
-        pending.push((c.ticket, confirms));
+        pending.push((c.ticket, false, confirms));
     }
     // Whatever was not published (stale, or the session failed) is no longer in flight; the
     // published ones leave when their confirms resolve.
@@ -186,13 +342,15 @@ async fn publish_batch(
         // All of the batch's confirms under one deadline, abandoned at once if the session
         // fails: batches settle in order, so a dead session's batch must never hold up the
         // batches of the next one.
-        let all =
-            futures::future::join_all(pending.into_iter().map(|(ticket, confirms)| async move {
+        let all = futures::future::join_all(pending.into_iter().map(
+            |(ticket, dead_letter, confirms)| async move {
                 (
                     ticket,
+                    dead_letter,
                     delivery_settlement(futures::future::join_all(confirms).await),
                 )
-            }));
+            },
+        ));
         let published = pending_len;
         let out = tokio::select! {
             // The timeout does not run while the broker blocks the connection (alarm).
@@ -221,12 +379,21 @@ async fn settle(
     }
     let mut ready = Vec::with_capacity(tags.len());
     let mut received = Vec::with_capacity(tags.len());
-    for (ticket, result) in tags {
+    for (ticket, dead_letter, result) in tags {
         let tag = ticket.delivery_tag;
         match result {
+            Ok(true) if dead_letter => {
+                // A rejected admin command: its reply is confirmed; to the dead-letter queue.
+                if let Err(e) = session.reject(tag).await {
+                    session.fail(format!("reject: {e}"));
+                    return;
+                }
+            }
             Ok(true) => {
                 ready.push(tag);
-                received.push(ticket.received);
+                if ticket.admin_op.is_none() {
+                    received.push(ticket.received);
+                }
             }
             Ok(false) => {
                 tracing::warn!(
@@ -247,6 +414,8 @@ async fn settle(
             }
         }
     }
+    // Crash tests: results and replies confirmed, deliveries not acked yet.
+    crate::failpoint::failpoint("settle.before_ack");
     match session.ack(&ready).await {
         Ok(()) => {
             stats.acked += ready.len() as u64;
@@ -260,8 +429,126 @@ async fn settle(
 
 #[cfg(test)]
 mod tests {
-    use super::delivery_settlement;
+    use super::{Answer, answer, bounded_reply, delivery_settlement};
+    use crate::admin::AdminApplied;
+    use crate::engine::Completion;
+    use crate::session::Ticket;
+    use crate::state::Outcome;
     use lapin::Confirmation;
+    use std::sync::Arc;
+
+    fn completion(
+        admin_op: Option<&'static str>,
+        reply: Option<&str>,
+        rejected: Option<&str>,
+        repeat: bool,
+    ) -> Completion<Ticket> {
+        Completion {
+            outcome: Arc::new(Outcome {
+                request_id: 7,
+                pool: Arc::from("default"),
+                user: Arc::from(""),
+                count: 0,
+                items: Vec::new(),
+                closed: false,
+                admin: reply.map(|r| {
+                    Arc::new(AdminApplied {
+                        op: "restock".into(),
+                        reply: r.into(),
+                    })
+                }),
+            }),
+            repeat,
+            ticket: Ticket {
+                epoch: 1,
+                delivery_tag: 1,
+                message_id: None,
+                reply_to: None,
+                correlation_id: None,
+                received: std::time::Instant::now(),
+                admin_op,
+            },
+            rejected: rejected.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn each_completion_gets_its_answer() {
+        assert_eq!(answer(&completion(None, None, None, false)), Answer::Result);
+        let first = completion(Some("restock"), Some("{\"a\":1}"), None, false);
+        let applied = answer(&first);
+        assert_eq!(
+            applied,
+            Answer::Reply {
+                kind: "admin_result",
+                body: "{\"a\":1}".into(),
+                dead_letter: false
+            }
+        );
+        // A repeat of an applied command: the first reply, acked.
+        assert_eq!(
+            answer(&completion(Some("restock"), Some("{\"a\":1}"), None, true)),
+            applied
+        );
+        // Refused by the state: rejected and dead-lettered, with the reason.
+        match answer(&completion(
+            Some("restock"),
+            None,
+            Some("pool \"x\" has no item"),
+            false,
+        )) {
+            Answer::Reply {
+                kind: "rejected",
+                body,
+                dead_letter: true,
+            } => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["status"], "rejected");
+                assert_eq!(v["error"], "pool \"x\" has no item");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A message_id shared between a draw and a command: the later one is refused.
+        for c in [
+            completion(Some("restock"), None, None, true),
+            completion(None, Some("{}"), None, true),
+        ] {
+            match answer(&c) {
+                Answer::Reply {
+                    kind: "rejected",
+                    body,
+                    dead_letter: true,
+                } => assert!(
+                    body.contains("already used") && body.contains('7'),
+                    "{body}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_reply_is_sent_without_its_items() {
+        let small = r#"{"status":"applied","pool_state":{"id":"p","items":[1]}}"#;
+        assert!(matches!(
+            bounded_reply(small),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        // About 9 MiB of items (ids padded to 100 bytes).
+        let items: Vec<serde_json::Value> = (0..90_000)
+            .map(|i| serde_json::json!({"id": format!("{i:0>100}"), "quantity": 1, "issued": 0, "stocked": 1, "weight": null}))
+            .collect();
+        let huge =
+            serde_json::json!({"status":"applied","request_id":3,"op":"close_pool","pool":"p",
+            "pool_state":{"id":"p","mode":"by_quantity","closed":true,"items":items}})
+            .to_string();
+        assert!(huge.len() > crate::limits::ADMIN_REPLY_BYTES_MAX);
+        let sent: serde_json::Value = serde_json::from_str(&bounded_reply(&huge)).unwrap();
+        assert_eq!(sent["pool_state"]["items"], serde_json::json!([]));
+        assert_eq!(sent["pool_state"]["items_omitted"], 90_000);
+        assert_eq!(sent["pool_state"]["closed"], true);
+        assert_eq!(sent["request_id"], 3);
+    }
 
     fn ack() -> Result<Confirmation, String> {
         Ok(Confirmation::Ack(None))

@@ -60,10 +60,10 @@ async fn open_session(
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
-) -> Result<(Link, Arc<Session>, Consumer), AmqpError> {
+) -> Result<(Link, Arc<Session>, Consumers), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
     match start_session(&link, cfg, epoch, pool_ids, released).await {
-        Ok((session, consumer)) => Ok((link, session, consumer)),
+        Ok((session, consumers)) => Ok((link, session, consumers)),
         Err(e) => {
             // Close explicitly: the locks taken so far (request queue, earlier pools) must
             // not outlive a session that never consumed.
@@ -73,15 +73,22 @@ async fn open_session(
     }
 }
 
+/// The session's two consumers: requests, then admin commands (same channel).
+struct Consumers {
+    requests: Consumer,
+    admin: Consumer,
+}
+
 /// Declares, takes the locks (request queue, then each served pool with its binding), removes
-/// the bindings of pools it no longer serves (`released`), and consumes, on a fresh connection.
+/// the bindings of pools it no longer serves (`released`), and consumes the request and admin
+/// queues, on a fresh connection.
 async fn start_session(
     link: &Link,
     cfg: &Arc<AmqpConfig>,
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
-) -> Result<(Arc<Session>, Consumer), AmqpError> {
+) -> Result<(Arc<Session>, Consumers), AmqpError> {
     // Listened to from the start: a connection.blocked can come at any time.
     let events = link.connection.events_listener();
     amqp::declare(link, cfg).await?;
@@ -110,8 +117,9 @@ async fn start_session(
         cfg.clone(),
     ));
     tokio::spawn(watch_events(Arc::downgrade(&session), events));
-    let consumer = ingest::start_consumer(&session, &cfg.request_queue).await?;
-    Ok((session, consumer))
+    let requests = ingest::start_consumer(&session, &cfg.request_queue).await?;
+    let admin = ingest::start_admin_consumer(&session).await?;
+    Ok((session, Consumers { requests, admin }))
 }
 
 /// Drains the connection's events (lapin queues them unbounded): connection.blocked and
@@ -213,30 +221,35 @@ async fn run_inner(
     let state = recovered.state;
     metrics.set_stock(&state);
     metrics.set_readiness(Readiness::Connecting);
-    let pools = Pools {
-        default_pool: config.pools[0].id.clone(),
-        index: config
-            .pools
-            .iter()
-            .map(|p| {
-                let index = state
-                    .pool_index(&p.id)
-                    .expect("recovery seeds every config pool");
-                (p.id.clone(), index)
-            })
-            .collect(),
-        own_queues: amqp::own_queues(&config.amqp),
-    };
-    // Pools in the durable state that this worker does not serve (removed from its config:
-    // moved to another shard): their old bindings are removed on every session.
-    let released: Vec<String> = state
+    // The pools served: every pool of the recovered durable state (the config's, seeded, and
+    // those added by `add_pool`, which live only in the state), except those this worker
+    // released (`amqp.released_pools`: moved to another worker). With `amqp.exchange` each
+    // served pool is locked and bound on every session before consuming (`Pools::ids`).
+    let released = released_pools(&config.amqp.released_pools, &state)?;
+    let served: std::collections::HashMap<String, u32> = state
         .pools
         .iter()
-        .map(|slot| slot.id.to_string())
-        .filter(|id| !pools.index.contains_key(id))
+        .enumerate()
+        .filter(|(_, slot)| !released.open.iter().any(|r| **r == *slot.id))
+        .map(|(index, slot)| {
+            let index = u32::try_from(index).expect("pool index fits u32");
+            (slot.id.to_string(), index)
+        })
         .collect();
-    if !released.is_empty() && !cfg.exchange.is_empty() {
-        tracing::info!(pools = ?released, "pools in the state but not served (not in the config): not bound on the routing exchange");
+    let pools = Arc::new(
+        Pools::new(
+            config.pools[0].id.clone(),
+            served,
+            u32::try_from(state.pools.len()).expect("pool count fits u32"),
+            amqp::own_queues(&config.amqp),
+            config.admin.allowed_users.clone(),
+        )
+        .with_released(released.all.clone()),
+    );
+    // Released pools: not locked, and their old bindings removed on every session.
+    let released = released.all;
+    if !released.is_empty() {
+        tracing::info!(pools = ?released, "released pools (amqp.released_pools): kept in the state, not locked or bound, no admin command applies");
     }
     let window = Admission::<Ticket>::window_of(&state);
     let (mut engine, committed) = Engine::<Ticket>::start(
@@ -251,8 +264,9 @@ async fn run_inner(
     // fatal storage error, and the worker must stop too, idle or not.
     let (engine_stopped_tx, mut engine_stopped) = watch::channel(false);
     let settle_metrics = metrics.clone();
+    let settle_pools = pools.clone();
     let settler = tokio::spawn(async move {
-        let stats = settle::run(committed, current_rx, settle_metrics.clone()).await;
+        let stats = settle::run(committed, current_rx, settle_metrics.clone(), settle_pools).await;
         // The committed stream ends before shutdown only when the engine's writer stopped on
         // a storage error: /healthz says so from here until the process exits.
         if settle_metrics.readiness() != Readiness::ShuttingDown {
@@ -282,7 +296,7 @@ async fn run_inner(
             break;
         }
         epoch += 1;
-        let (link, session, consumer) = match open_session(&cfg, epoch, &pools.ids(), &released)
+        let (link, session, consumers) = match open_session(&cfg, epoch, &pools.ids(), &released)
             .await
         {
             Ok(v) => v,
@@ -330,7 +344,8 @@ async fn run_inner(
         tracing::info!(epoch, "connected; consuming");
         match ingest::run(
             session.clone(),
-            consumer,
+            consumers.requests,
+            consumers.admin,
             &mut admission,
             &pools,
             &metrics,
@@ -416,6 +431,38 @@ async fn run_inner(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    })
+}
+
+/// `amqp.released_pools` checked against the recovered state.
+struct Released {
+    all: Vec<String>,
+    /// Released but open in the state (never closed before the move, e.g. an `add_pool` of a
+    /// pool another worker owned): not in the ingest index at all, so nothing is drawn from
+    /// this worker's copy; requests naming them are rejected as an unknown pool.
+    open: Vec<String>,
+}
+
+/// Every released pool must be in the durable state (a typo would leave the pool served and
+/// its lock held, blocking its new owner). One released while open is served by nobody here;
+/// the worker warns (README, "Moving a pool": close it first).
+fn released_pools(list: &[String], state: &crate::state::State) -> anyhow::Result<Released> {
+    let mut open = Vec::new();
+    for id in list {
+        let Some(index) = state.pool_index(id) else {
+            anyhow::bail!(
+                "amqp.released_pools names pool {id:?}, which is not in this worker's durable state (pools: {:?}); release only a pool this data directory has",
+                state.pools.iter().map(|p| &*p.id).collect::<Vec<_>>()
+            );
+        };
+        if !state.pools[index as usize].closed {
+            tracing::warn!(pool = %id, "released pool is open in this worker's state: requests for it reaching this worker are rejected (unknown pool), not drawn; close a pool before releasing it (README, \"Moving a pool\")");
+            open.push(id.clone());
+        }
+    }
+    Ok(Released {
+        all: list.to_vec(),
+        open,
     })
 }
 

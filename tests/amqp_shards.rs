@@ -440,89 +440,279 @@ async fn a_killed_shards_requests_wait_and_are_served_once_after_restart() {
     delete_routing(&conn, &ex).await;
 }
 
-/// The pool-move procedure of the README, with what this branch has: the old owner stops
-/// serving the pool (it is removed from its config; a restart releases its lock and removes its
-/// binding), requests meanwhile wait in `<exchange>.unrouted`, the new owner takes the pool
-/// seeded with exactly what `inspect` shows left, and the waiting requests are moved back into
-/// the exchange. (With the admin commands the old owner closes the pool first and the new one
-/// gets it by `add_pool` without a restart; that variant is not tested here.) No prize is lost
-/// or doubled: what the old owner issued plus what the new one issued plus what is left is
-/// what the pool started with.
+/// `rewardpool admin <args> --config <file>` off the async threads (it blocks until the
+/// worker's reply), with a reply timeout under the harness's 60 s bound on a CLI run.
+async fn admin(setup: &Setup, args: &[&str]) -> AdminRun {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.extend(["--timeout".to_string(), "50".to_string()]);
+    let config_path = setup.config_path.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut argv: Vec<&str> = vec!["admin"];
+        argv.extend(all.iter().map(String::as_str));
+        argv.push("--config");
+        argv.push(config_path.to_str().expect("utf-8 path"));
+        let out = cli(&argv, None, &[]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        AdminRun {
+            code: out.status.code(),
+            json: serde_json::from_str(stdout.trim()).ok(),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("admin run")
+}
+
+/// A pool's items in an `inspect` output or a `pool_state`: id → (quantity, issued, stocked).
+fn items_of(pool: &serde_json::Value) -> BTreeMap<String, (u64, u64, u64)> {
+    pool["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("items in {pool}"))
+        .iter()
+        .map(|i| {
+            let n = |k: &str| i[k].as_u64().unwrap_or_else(|| panic!("{k} in {i}"));
+            (
+                i["id"].as_str().unwrap().to_string(),
+                (n("quantity"), n("issued"), n("stocked")),
+            )
+        })
+        .collect()
+}
+
+/// The pool `id` of an `inspect` output.
+fn inspected_pool(inspect: &serde_json::Value, id: &str) -> serde_json::Value {
+    inspect["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("no pool {id} in {inspect}"))
+        .clone()
+}
+
+/// Issue 12: a pool added by `add_pool` is part of the durable state, and the served set is
+/// every pool of that state: after a restart (and after a lost session) the worker locks and
+/// binds it again before consuming, draws through the exchange reach it, and another worker
+/// configured with it is refused naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_moves_to_another_shard_with_what_is_left() {
+async fn a_pool_added_by_add_pool_is_owned_again_after_a_restart_and_a_reconnect() {
+    let conn = require_broker().await;
+    let ex = exchange_name("shards-added");
+    let a = shard(
+        "shards-added-a",
+        &ex,
+        vec![PoolSpec::new("base", &[("cup", 100)])],
+    );
+    let mut wa = a.start_ready(&conn, &[]).await;
+    let reply = admin(
+        &a,
+        &[
+            "add-pool",
+            "--pool",
+            "xmas",
+            "--mode",
+            "by_quantity",
+            "--items-json",
+            r#"[{"id":"elf","quantity":50}]"#,
+        ],
+    )
+    .await;
+    reply.applied();
+    let results = Collector::start(&a.names.result).await;
+    let p = ExchangeProducer::new(&conn, &ex).await;
+    let pools = ["xmas", "base"];
+    p.publish_request(&pools, 0).await;
+    results
+        .wait_for("the first draw from xmas", WAIT, |m| distinct_count(m) >= 1)
+        .await;
+
+    // Restart: xmas is not in the config, only in the durable state; it is owned again.
+    wa.stop(libc::SIGTERM, WAIT).await;
+    let mut wa = a.start_ready(&conn, &[]).await;
+    for i in 1..5 {
+        p.publish_request(&pools, i).await;
+    }
+    results
+        .wait_for("5 results after the restart", WAIT, |m| {
+            distinct_count(m) >= 5
+        })
+        .await;
+    let unrouted = format!("{ex}.unrouted");
+    assert_eq!(
+        must_queue_state(&conn, &unrouted).await.messages,
+        0,
+        "nothing for xmas may go unrouted after the restart"
+    );
+
+    // A lost session: the pool is locked and bound again before consuming.
+    close_connection_named(
+        &format!("rewardpool worker {}", wa.pid()),
+        "test: lost session",
+    );
+    wait_until("the worker to reconnect", WAIT, async || {
+        wa.log().matches("connected; consuming").count() >= 2
+    })
+    .await;
+    for i in 5..10 {
+        p.publish_request(&pools, i).await;
+    }
+    results
+        .wait_for("10 results after the reconnect", WAIT, |m| {
+            distinct_count(m) >= 10
+        })
+        .await;
+
+    // Another worker (own queues, own data directory) configured with xmas is refused.
+    let c = shard(
+        "shards-added-c",
+        &ex,
+        vec![PoolSpec::new("xmas", &[("elf", 50)])],
+    );
+    let mut wc = c.start_worker(&[]);
+    let status = wc.wait_exit(WAIT).await;
+    let log = wc.log();
+    assert!(!status.success(), "the other worker must fail: {log}");
+    assert!(
+        log.contains("another worker holds the broker lock on pool \"xmas\""),
+        "the error must name the pool:\n{log}"
+    );
+    assert!(!log.contains("connected; consuming"), "{log}");
+    wa.assert_running();
+
+    wa.stop(libc::SIGTERM, WAIT).await;
+    let by = results_by_message(&results.messages());
+    let outcomes = check_shard("a", &by, &pools, &pools, 10, false);
+    // xmas: what the results issued plus what is left is what add_pool put in.
+    let elves = outcomes
+        .iter()
+        .filter(|o| o.pool == "xmas")
+        .map(|o| o.items.len() as u64)
+        .sum::<u64>();
+    let xmas = items_of(&inspected_pool(&a.inspect(), "xmas"));
+    assert_eq!(xmas["elf"], (50 - elves, elves, 50), "{xmas:?}");
+    a.names.delete(&conn).await;
+    c.names.delete(&conn).await;
+    delete_routing(&conn, &ex).await;
+}
+
+/// The README's pool-move procedure, with two real workers behind the exchange while draws
+/// flow: `close-pool` on the old owner A (its reply's `pool_state`, and `inspect`, show what
+/// is left), A restarted with the pool in `amqp.released_pools` (its lock and binding go; it
+/// answers requests still in its queue `closed`; new ones wait in `<exchange>.unrouted`),
+/// `add-pool` on the new owner B with those quantities, the unrouted requests moved back into
+/// the exchange. No prize lost or doubled: per item, issued on A + issued on B + left on B =
+/// A's stocked; every request answered by exactly one worker under one request ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_moves_to_another_shard_with_the_admin_commands_while_draws_flow() {
     let conn = require_broker().await;
     let ex = exchange_name("shards-move");
-    let start = [("gold", 30u64), ("silver", 300)];
+    let start = [("gold", 40u64), ("silver", 3000)];
     let mut a = shard(
         "shards-move-a",
         &ex,
         vec![
-            PoolSpec::new("stay", &[("cup", 100)]),
+            PoolSpec::new("stay", &[("cup", 5000)]),
             PoolSpec::new("mv", &start),
         ],
     );
-    let mut b = shard(
+    let b = shard(
         "shards-move-b",
         &ex,
-        vec![PoolSpec::new("other", &[("pen", 100)])],
+        vec![PoolSpec::new("other", &[("pen", 5000)])],
     );
     let mut wa = a.start_ready(&conn, &[]).await;
     let mut wb = b.start_ready(&conn, &[]).await;
     let results_a = Collector::start(&a.names.result).await;
     let results_b = Collector::start(&b.names.result).await;
-    let p = ExchangeProducer::new(&conn, &ex).await;
-    let mv = ["mv"];
-    // Before the move: 60 draws from mv on the old owner.
-    for i in 0..60 {
-        p.publish_request(&mv, i).await;
-    }
+    // The stream: half of it for the moving pool, the rest for one pool of each shard.
+    const POOLS: [&str; 4] = ["mv", "stay", "mv", "other"];
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let producer = {
+        let conn = require_broker().await;
+        let ex = ex.clone();
+        tokio::spawn(async move {
+            let p = ExchangeProducer::new(&conn, &ex).await;
+            let mut i = 0;
+            while !*stop_rx.borrow_and_update() {
+                p.publish_request(&POOLS, i).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            i
+        })
+    };
+    let mv_results = |m: &[Msg]| {
+        m.iter()
+            .filter(|m| m.kind() == Some("result") && m.json()["pool"] == "mv")
+            .count()
+    };
     results_a
-        .wait_for("60 results on the old owner", WAIT, |m| {
-            distinct_count(m) >= 60
+        .wait_for("draws from mv on the old owner", WAIT, |m| {
+            mv_results(m) >= 40
         })
         .await;
 
-    // 1. Stop the old owner cleanly and read what is left of the pool.
-    wa.stop(libc::SIGTERM, WAIT).await;
-    let inspect = a.inspect();
-    let left: Vec<(String, u64)> = inspect["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "mv")
-        .expect("mv in the old owner's state")["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["id"].as_str().unwrap().to_string(),
-                i["quantity"].as_u64().unwrap(),
-            )
+    // 1. Close the pool on the old owner: from its reply on, A draws nothing from it.
+    let reply = admin(&a, &["close-pool", "--pool", "mv"]).await;
+    let closed_state = reply.applied()["pool_state"].clone();
+    assert_eq!(closed_state["closed"], true, "{closed_state}");
+    let left = items_of(&closed_state);
+    results_a
+        .wait_for("a closed result on the old owner", WAIT, |m| {
+            m.iter()
+                .any(|m| m.kind() == Some("result") && m.json()["status"] == "closed")
         })
-        .collect();
-    // 2. Restart it without the pool: its lock is released, its binding removed.
-    a.config.pools.retain(|p| p.id != "mv");
+        .await;
+    // 2. What is left: `inspect` beside the running worker agrees with the reply.
+    assert_eq!(
+        items_of(&inspected_pool(&a.inspect(), "mv")),
+        left,
+        "inspect and the close reply"
+    );
+    // 3. Release it on A: restart with amqp.released_pools (its lock and binding go).
+    wa.stop(libc::SIGTERM, WAIT).await;
+    a.config
+        .amqp_extra
+        .push(r#"released_pools = ["mv"]"#.into());
     std::fs::write(&a.config_path, a.render()).unwrap();
     let mut wa = a.start_ready(&conn, &[]).await;
-    // Requests published meanwhile wait, untouched, in the unrouted queue.
-    for i in 60..80 {
-        p.publish_request(&mv, i).await;
-    }
     let unrouted = format!("{ex}.unrouted");
-    assert_eq!(must_queue_state(&conn, &unrouted).await.messages, 20);
-
-    // 3. The new owner takes the pool with exactly what was left (here by its config on its
-    //    next start; with the admin commands: add_pool on the running worker).
-    wb.stop(libc::SIGTERM, WAIT).await;
-    let left_refs: Vec<(&str, u64)> = left.iter().map(|(i, q)| (i.as_str(), *q)).collect();
-    b.config.pools.push(PoolSpec::new("mv", &left_refs));
-    std::fs::write(&b.config_path, b.render()).unwrap();
-    let mut wb = b.start_ready(&conn, &[]).await;
-
-    // 4. The waiting requests go back into the exchange with their routing keys (what a shovel
-    //    from the unrouted queue to the exchange does), then new ones follow.
+    wait_until("requests for mv waiting unrouted", WAIT, async || {
+        must_queue_state(&conn, &unrouted).await.messages >= 3
+    })
+    .await;
+    // An admin command for the released pool is for its new owner: rejected on A.
+    let refused = admin(&a, &["open-pool", "--pool", "mv"]).await.rejected();
+    assert!(refused.contains("amqp.released_pools"), "{refused}");
+    // 4. The new owner takes it with exactly what was left (served open at once).
+    let items_json = serde_json::to_string(
+        &left
+            .iter()
+            .map(|(id, (quantity, _, _))| serde_json::json!({"id": id, "quantity": quantity}))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let added = admin(
+        &b,
+        &[
+            "add-pool",
+            "--pool",
+            "mv",
+            "--mode",
+            "by_quantity",
+            "--items-json",
+            &items_json,
+        ],
+    )
+    .await;
+    let added_state = added.applied()["pool_state"].clone();
+    assert_eq!(added_state["closed"], false, "{added_state}");
+    // 5. The requests that waited go back into the exchange with their routing keys (what a
+    //    shovel from the unrouted queue to the exchange does).
+    let shovel = ExchangeProducer::new(&conn, &ex).await;
     let ch = op("channel.open", conn.create_channel()).await;
+    let mut moved = 0;
     while let Some(got) = op(
         "basic.get",
         ch.basic_get(unrouted.as_str().into(), BasicGetOptions { no_ack: false }),
@@ -530,101 +720,164 @@ async fn a_pool_moves_to_another_shard_with_what_is_left() {
     .await
     {
         let d = got.delivery;
-        p.publish(
-            d.routing_key.as_str(),
-            std::str::from_utf8(&d.data).unwrap(),
-            d.properties.clone(),
-        )
-        .await;
+        shovel
+            .publish(
+                d.routing_key.as_str(),
+                std::str::from_utf8(&d.data).unwrap(),
+                d.properties.clone(),
+            )
+            .await;
         op(
             "basic.ack",
             d.acker.ack(lapin::options::BasicAckOptions::default()),
         )
         .await;
+        moved += 1;
     }
-    for i in 80..100 {
-        p.publish_request(&mv, i).await;
-    }
+    note(format!(
+        "{moved} unrouted requests moved back into the exchange"
+    ));
     results_b
-        .wait_for("40 results on the new owner", WAIT, |m| {
-            distinct_count(m) >= 40
+        .wait_for("draws from mv on the new owner", WAIT, |m| {
+            mv_results(m) >= moved + 20
         })
         .await;
+    stop_tx.send(true).unwrap();
+    let n = producer.await.unwrap();
+    note(format!("{n} requests published"));
+    let answered = |a: &[Msg], b: &[Msg]| {
+        let mut ids: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for m in a.iter().chain(b) {
+            if m.kind() == Some("result") {
+                ids.insert(parse_result(m).0.unwrap());
+            }
+        }
+        ids.len()
+    };
+    wait_until("every request answered", WAIT, async || {
+        answered(&results_a.messages(), &results_b.messages()) >= n
+    })
+    .await;
     wa.stop(libc::SIGTERM, WAIT).await;
     wb.stop(libc::SIGTERM, WAIT).await;
+    assert_eq!(
+        must_queue_state(&conn, &unrouted).await.messages,
+        0,
+        "nothing left unrouted"
+    );
 
+    // Every request answered by exactly one worker, under one request ID there.
     let by_a = results_by_message(&results_a.messages());
     let by_b = results_by_message(&results_b.messages());
-    let before: Vec<String> = (0..60).map(|i| format!("m-{i}")).collect();
-    let after: Vec<String> = (60..100).map(|i| format!("m-{i}")).collect();
-    assert_eq!(
-        by_a.keys()
-            .cloned()
-            .collect::<std::collections::BTreeSet<_>>(),
-        before.iter().cloned().collect(),
-        "the old owner drew exactly the requests before the move"
+    let mut statuses: BTreeMap<&str, usize> = BTreeMap::new();
+    for i in 0..n {
+        let mid = format!("m-{i}");
+        let pool = expected_pool(&POOLS, &mid);
+        let (on_a, on_b) = (by_a.get(&mid), by_b.get(&mid));
+        let rs = match (on_a, on_b) {
+            (Some(rs), None) => {
+                assert!(pool != "other", "{mid} for {pool} answered by A");
+                rs
+            }
+            (None, Some(rs)) => {
+                assert!(pool != "stay", "{mid} for {pool} answered by B");
+                rs
+            }
+            (Some(x), Some(y)) => panic!("{mid} answered by both workers: {x:?} {y:?}"),
+            (None, None) => panic!("{mid} ({pool}) never answered"),
+        };
+        assert!(
+            rs.iter().all(|(id, o)| *id == rs[0].0 && *o == rs[0].1),
+            "{mid} drawn more than once: {rs:?}"
+        );
+        assert_eq!(rs[0].1.pool, pool, "{mid}");
+        *statuses
+            .entry(if on_a.is_some() { "a" } else { "b" })
+            .or_default() += 1;
+    }
+    let closed_on_a = by_a
+        .values()
+        .filter(|rs| rs[0].1.status == "closed")
+        .count();
+    note(format!(
+        "answered per worker {statuses:?}; closed on A: {closed_on_a}"
+    ));
+    assert!(
+        by_b.values().all(|rs| rs[0].1.status != "closed"),
+        "nothing closed on the new owner"
     );
-    assert_eq!(
-        by_b.keys()
-            .cloned()
-            .collect::<std::collections::BTreeSet<_>>(),
-        after.iter().cloned().collect(),
-        "the new owner drew exactly the requests after the move"
+    assert!(
+        by_a.values()
+            .all(|rs| rs[0].1.status != "closed" || rs[0].1.pool == "mv"),
+        "only mv was closed"
     );
-    // Conservation across the move: issued by A + issued by B + left on B = the start.
-    let mut issued: HashMap<String, u64> = HashMap::new();
-    for rs in by_a.values().chain(by_b.values()) {
-        assert_eq!(rs.len(), 1, "answered once: {rs:?}");
-        for item in &rs[0].1.items {
-            *issued.entry(item.clone()).or_default() += 1;
+
+    // No prize lost or doubled. A: its config's pools are conserved against its own results
+    // (mv included: what A issued is stocked - left, and left did not move since the close).
+    let outcomes_a: Vec<Outcome> = by_a.values().map(|rs| rs[0].1.clone()).collect();
+    let inspect_a = a.check_conservation(&outcomes_a);
+    let mv_a = items_of(&inspected_pool(&inspect_a, "mv"));
+    assert_eq!(mv_a, left, "A's mv is unchanged since the close");
+    // B: its config pool against its results; mv against what it was given.
+    let outcomes_b: Vec<Outcome> = by_b.values().map(|rs| rs[0].1.clone()).collect();
+    let (mv_b_outcomes, other_b): (Vec<Outcome>, Vec<Outcome>) =
+        outcomes_b.into_iter().partition(|o| o.pool == "mv");
+    let inspect_b = b.check_conservation(&other_b);
+    let mv_b = items_of(&inspected_pool(&inspect_b, "mv"));
+    let mut issued_b: HashMap<String, u64> = HashMap::new();
+    for o in &mv_b_outcomes {
+        for item in &o.items {
+            *issued_b.entry(item.clone()).or_default() += 1;
         }
     }
-    let inspect_b = b.inspect();
-    let mv_b = inspect_b["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "mv")
-        .expect("mv on the new owner")
-        .clone();
     for (item, initial) in start {
-        let left_b = mv_b["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["id"] == item)
-            .unwrap()["quantity"]
-            .as_u64()
-            .unwrap();
-        let drawn = issued.get(item).copied().unwrap_or(0);
+        let (left_a, issued_a, stocked_a) = mv_a[item];
+        let (left_b, issued_on_b, stocked_b) = mv_b[item];
+        assert_eq!(stocked_a, initial, "{item}: A stocked");
+        assert_eq!(stocked_b, left_a, "{item}: B was given what A had left");
         assert_eq!(
-            drawn + left_b,
-            initial,
-            "{item}: drawn {drawn} + left {left_b} must be the start {initial}"
+            issued_b.get(item).copied().unwrap_or(0),
+            issued_on_b,
+            "{item}: B's results and B's issued"
+        );
+        assert_eq!(
+            issued_a + issued_on_b + left_b,
+            stocked_a,
+            "{item}: issued on A {issued_a} + issued on B {issued_on_b} + left on B {left_b} must be A's stocked {stocked_a}"
         );
     }
-    // The old owner's state still shows what it handed over, unchanged since.
-    let inspect_a = a.inspect();
-    let mv_a = inspect_a["pools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "mv")
-        .expect("mv stays in the old owner's state");
-    for (item, q) in &left {
-        let now = mv_a["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|i| i["id"] == item.as_str())
-            .unwrap()["quantity"]
-            .as_u64()
-            .unwrap();
-        assert_eq!(now, *q, "{item} on the old owner");
-    }
+    assert!(
+        mv_b_outcomes.len() >= moved,
+        "B drew the requests that waited unrouted"
+    );
     a.names.delete(&conn).await;
     b.names.delete(&conn).await;
     delete_routing(&conn, &ex).await;
+}
+
+/// A released pool must be one this data directory has: a typo would leave the real pool
+/// served and its lock held, blocking its new owner. Checked after recovery, before the
+/// broker is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_a_pool_the_state_does_not_have_stops_the_worker_at_start() {
+    let mut a = shard(
+        "shards-typo",
+        &exchange_name("shards-typo"),
+        vec![PoolSpec::new("mv", &[("gold", 1)])],
+    );
+    a.config
+        .amqp_extra
+        .push(r#"released_pools = ["vm"]"#.into());
+    std::fs::write(&a.config_path, a.render()).unwrap();
+    let mut w = a.start_worker(&[]);
+    let status = w.wait_exit(WAIT).await;
+    let log = w.log();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("amqp.released_pools names pool \"vm\"") && log.contains("\"mv\""),
+        "{log}"
+    );
+    assert!(!log.contains("connecting to the broker"), "{log}");
 }
 
 /// The race of the README: the owner's connection drops, the broker frees its locks, and a

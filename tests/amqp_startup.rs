@@ -141,6 +141,7 @@ async fn run_without_a_config_file_uses_the_defaults_and_stops_on_sigint() {
         ("REWARDPOOL__AMQP__REQUEST_QUEUE", names.request.as_str()),
         ("REWARDPOOL__AMQP__RESULT_QUEUE", names.result.as_str()),
         ("REWARDPOOL__AMQP__DEAD_LETTER_QUEUE", names.dead.as_str()),
+        ("REWARDPOOL__AMQP__ADMIN_QUEUE", names.admin.as_str()),
     ];
     let args: Vec<OsString> = vec!["run".into()];
     let mut worker = Worker::spawn(&args, Some(cwd.path()), &env, cwd.path().join("worker.log"));

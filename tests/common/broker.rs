@@ -37,13 +37,13 @@ pub async fn op<T>(what: &str, fut: impl Future<Output = lapin::Result<T>>) -> T
 }
 
 pub async fn try_connect(name: &str) -> Result<Connection, String> {
+    try_connect_url(&amqp_url(), name).await
+}
+
+/// Connects to `url` (e.g. as another broker user) with a bounded wait.
+pub async fn try_connect_url(url: &str, name: &str) -> Result<Connection, String> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(
-        Duration::from_secs(5),
-        Connection::connect(&amqp_url(), props),
-    )
-    .await
-    {
+    match tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, props)).await {
         Err(_) => Err("connect timed out after 5 s".into()),
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(c)) => Ok(c),
@@ -96,6 +96,9 @@ pub struct Names {
     pub request: String,
     pub result: String,
     pub dead: String,
+    /// The admin queue (`amqp.admin_queue`): fresh per test like the others, since every
+    /// worker declares and consumes it.
+    pub admin: String,
 }
 
 impl Names {
@@ -105,6 +108,7 @@ impl Names {
             request: format!("{base}.requests"),
             result: format!("{base}.results"),
             dead: format!("{base}.dead"),
+            admin: format!("{base}.admin"),
             base,
         }
     }
@@ -125,7 +129,7 @@ impl Names {
         let Ok(Ok(ch)) = tokio::time::timeout(OP_TIMEOUT, conn.create_channel()).await else {
             return;
         };
-        for q in [&self.request, &self.result, &self.dead] {
+        for q in [&self.request, &self.result, &self.dead, &self.admin] {
             let _ = tokio::time::timeout(
                 OP_TIMEOUT,
                 ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()),

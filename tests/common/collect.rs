@@ -277,6 +277,7 @@ pub fn parse_result(m: &Msg) -> (Option<String>, Outcome) {
     match status.as_str() {
         "won" => assert!(!items.is_empty(), "won with no items: {v}"),
         "empty" => assert!(items.is_empty(), "empty with items: {v}"),
+        "closed" => assert!(items.is_empty(), "closed with items: {v}"),
         other => panic!("unknown result status {other}: {v}"),
     }
     let count = v["count"].as_u64().expect("count");

@@ -139,6 +139,10 @@ pub struct WorkerConfig {
     /// they override the harness's own keys.
     pub amqp_extra: Vec<String>,
     pub storage_extra: Vec<String>,
+    /// More `[[pools]]` as TOML text (e.g. a `by_weight` pool), after `pools`.
+    pub pools_toml: String,
+    /// `admin.allowed_users` (empty: not set, anyone).
+    pub allowed_users: Vec<String>,
 }
 
 impl WorkerConfig {
@@ -149,6 +153,8 @@ impl WorkerConfig {
             pools,
             amqp_extra: Vec::new(),
             storage_extra: Vec::new(),
+            pools_toml: String::new(),
+            allowed_users: Vec::new(),
         }
     }
 }
@@ -192,6 +198,7 @@ impl Setup {
             .set("amqp", "request_queue", n.request.as_str())
             .set("amqp", "result_queue", n.result.as_str())
             .set("amqp", "dead_letter_queue", n.dead.as_str())
+            .set("amqp", "admin_queue", n.admin.as_str())
             .set(
                 "amqp",
                 "queue_type",
@@ -227,6 +234,17 @@ impl Setup {
         file.set("metrics", "listen", "");
         for p in &c.pools {
             file.pool(p);
+        }
+        if !c.pools_toml.is_empty() {
+            file.pools_toml(&c.pools_toml);
+        }
+        if !c.allowed_users.is_empty() {
+            let users: Vec<Value> = c
+                .allowed_users
+                .iter()
+                .map(|u| Value::String(u.clone()))
+                .collect();
+            file.set("admin", "allowed_users", Value::Array(users));
         }
         file.render()
     }

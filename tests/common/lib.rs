@@ -6,6 +6,7 @@
 //! talk to it only through RabbitMQ (lapin) and the command line, as producers, result
 //! consumers and operators would. Modules, by concern:
 //!
+//! - [`admin`]: admin commands: `rewardpool admin` runs, a raw admin client, broker users.
 //! - [`broker`]: broker URL, connecting (or failing with how to start it), fresh queue names,
 //!   queue state, publishing with confirms, `rabbitmqctl`, bounded waits.
 //! - [`process`]: the binaries under test, run to completion or as a `Worker` (ready, signals).
@@ -18,6 +19,7 @@
 //!
 //! Everything is re-exported at the top: `use common::*;`.
 
+pub mod admin;
 pub mod broker;
 pub mod collect;
 pub mod config;
@@ -27,6 +29,7 @@ pub mod raw_amqp;
 pub mod storage;
 pub mod tmpfs;
 
+pub use admin::*;
 pub use broker::*;
 pub use collect::*;
 pub use config::*;

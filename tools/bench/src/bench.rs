@@ -232,6 +232,7 @@ async fn run_target(
         config.amqp.request_queue = format!("{prefix}.requests");
         config.amqp.result_queue = format!("{prefix}.results");
         config.amqp.dead_letter_queue = format!("{prefix}.dead");
+        config.amqp.admin_queue = format!("{prefix}.admin");
         config.amqp.dead_letter_exchange = String::new();
     }
     let cfg = config.amqp.clone();
@@ -466,6 +467,7 @@ async fn delete_topology(channel: &Channel, cfg: &AmqpConfig) -> bool {
         &cfg.request_queue,
         &cfg.result_queue,
         &cfg.dead_letter_queue,
+        &cfg.admin_queue,
     ] {
         if let Err(e) = timed(
             "queue.delete",
