@@ -11,7 +11,10 @@ use crate::config::AmqpConfig;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::sync::watch;
 
 /// What travels with a request through the engine.
@@ -167,6 +170,40 @@ impl Session {
         }
     }
 
+    /// Starts a publish to the default exchange without waiting for it: its frames are queued
+    /// on the publish channel now, so publishes reach the broker in the order they were
+    /// started (an accepted reply started before its request is submitted always precedes the
+    /// result on `reply_to`), and the caller's task is not woken per publish by lapin's I/O thread
+    /// to learn that frames were written. Await the returned [`Publishing`] for the confirm.
+    pub fn start_publish(
+        &self,
+        routing_key: &str,
+        body: impl AsRef<[u8]> + Send + 'static,
+        props: BasicProperties,
+    ) -> Publishing {
+        let channel = self.publish.clone();
+        let routing_key = ShortString::from(routing_key);
+        let mut fut: Pin<Box<PublishFuture>> = Box::pin(async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    routing_key,
+                    BasicPublishOptions::default(),
+                    body.as_ref(),
+                    props,
+                )
+                .await
+        });
+        // lapin queues the frames on the first poll (before its first await point); the
+        // waker of this poll is never used, the caller's is registered when it awaits.
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        Publishing(match fut.as_mut().poll(&mut cx) {
+            Poll::Pending => Stage::Queued(fut),
+            Poll::Ready(Ok(confirm)) => Stage::Confirming(confirm),
+            Poll::Ready(Err(e)) => Stage::Failed(Some(e)),
+        })
+    }
+
     /// Rejects without requeue (dead-letters) and records the tag as settled.
     pub async fn reject(&self, tag: u64) -> Result<(), AmqpError> {
         timed(
@@ -265,4 +302,44 @@ pub fn result_properties(request_id: u64, correlation_id: &Option<ShortString>) 
         .with_delivery_mode(2)
         .with_message_id(request_id.to_string().into())
         .with_headers(headers)
+}
+
+type PublishFuture = dyn Future<Output = lapin::Result<PublisherConfirm>> + Send;
+
+/// A publish started by [`Session::start_publish`]: its frames are queued on the channel.
+/// Awaited, it resolves with the broker's confirmation once the frames are written and the
+/// broker confirmed them (or with the error that stopped either), with no timer of its own:
+/// whoever awaits it puts it under a deadline ([`Session::unless_blocked`], once per batch).
+pub struct Publishing(Stage);
+
+enum Stage {
+    /// Frames queued; waiting for lapin's I/O thread to write them.
+    Queued(Pin<Box<PublishFuture>>),
+    /// Written; waiting for the broker's confirm.
+    Confirming(PublisherConfirm),
+    /// Failed before anything was written (the error is taken once).
+    Failed(Option<lapin::Error>),
+}
+
+impl Future for Publishing {
+    type Output = lapin::Result<lapin::Confirmation>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.0 {
+                Stage::Queued(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(confirm)) => this.0 = Stage::Confirming(confirm),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                },
+                Stage::Confirming(confirm) => return Pin::new(confirm).poll(cx),
+                Stage::Failed(e) => {
+                    return Poll::Ready(Err(e
+                        .take()
+                        .expect("a Publishing polled after it completed")));
+                }
+            }
+        }
+    }
 }
