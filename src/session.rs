@@ -37,6 +37,12 @@ pub struct Session {
     pub lock: Channel,
     pub cfg: Arc<AmqpConfig>,
     acks: Mutex<AckTracker>,
+    /// Held while a publish is queued: lapin numbers a publish for its confirm
+    /// (`register_pending`) and queues its frames under two different locks, so two threads
+    /// publishing on one channel at once (ingest and settle run on different runtime threads)
+    /// could queue frames in another order than they were numbered, and a confirm would be
+    /// taken for another message's. Taken only around the synchronous first poll.
+    publish_order: Mutex<()>,
     broken: watch::Sender<Option<String>>,
     /// `Some(reason)` while the broker blocks this connection (connection.blocked: a memory or
     /// disk alarm). Read it with [`Session::blocked`] (readiness shows "blocked").
@@ -58,6 +64,7 @@ impl Session {
             lock,
             cfg,
             acks: Mutex::new(AckTracker::new()),
+            publish_order: Mutex::new(()),
             broken: watch::channel(None).0,
             blocked: watch::channel(None).0,
         }
@@ -150,14 +157,24 @@ impl Session {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<PublisherConfirm, AmqpError> {
-        let publish = self.publish.basic_publish(
+        let mut publish = std::pin::pin!(self.publish.basic_publish(
             "".into(),
             routing_key.into(),
             BasicPublishOptions::default(),
             body,
             props,
-        );
-        match self.unless_blocked(publish).await {
+        ));
+        // Numbered and queued under `publish_order` (the first poll does both).
+        let first = {
+            let _order = self.publish_order.lock().expect("publish order lock");
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            publish.as_mut().poll(&mut cx)
+        };
+        let result = match first {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => self.unless_blocked(publish).await,
+        };
+        match result {
             None => Err(AmqpError::Timeout {
                 what: "basic.publish",
                 ms: self.op_ms(),
@@ -196,6 +213,7 @@ impl Session {
         });
         // lapin queues the frames on the first poll (before its first await point); the
         // waker of this poll is never used, the caller's is registered when it awaits.
+        let _order = self.publish_order.lock().expect("publish order lock");
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         Publishing(match fut.as_mut().poll(&mut cx) {
             Poll::Pending => Stage::Queued(fut),
