@@ -9,8 +9,12 @@
 //! 4. Otherwise a new ID, the accepted reply (published before the request reaches the engine,
 //!    so on `reply_to` it always precedes the result), then the draw to the engine.
 //!
-//! Reply confirms are awaited here in a bounded set (lapin keeps dropped confirms until
-//! `wait_for_confirms`, so they must not be dropped).
+//! Deliveries lapin has already buffered are handled as one burst (at most
+//! `INGEST_BURST_DELIVERIES_MAX`), and the burst's requests go to the engine together: one
+//! wake-up of the engine thread per burst. Replies are queued on the publish channel without
+//! waiting for lapin's I/O thread to write them ([`Session::start_publish`]); their confirms
+//! are awaited here in a bounded set (lapin keeps dropped confirms until `wait_for_confirms`,
+//! so they must not be dropped).
 //!
 //! Admin commands come from a second consumer on the same channel (so one ack tracker covers
 //! both), with its own small prefetch (`limits::ADMIN_PREFETCH`). For each, in this order:
@@ -27,17 +31,24 @@ use crate::amqp::{AmqpError, timed};
 use crate::dedupe::message_key;
 use crate::message::{self, accepted_body, rejected_body};
 use crate::metrics::Metrics;
-use crate::session::{Session, Ticket, reply_properties};
-use futures::StreamExt;
+use crate::session::{Publishing, Session, Ticket, reply_properties};
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use lapin::Consumer;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
-use lapin::{Consumer, PublisherConfirm};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 
+use crate::limits::INGEST_BURST_DELIVERIES_MAX as BURST_DELIVERIES_MAX;
 use crate::limits::INGEST_REPLY_CONFIRMS_MAX as REPLY_CONFIRMS_MAX;
+
+/// Replies in flight: each resolves once its publish is written and confirmed.
+type Confirms = FuturesUnordered<Publishing>;
+
+/// A request with its ID and its accepted reply queued, waiting for the end of its burst.
+type Staged = (Submission, Ticket);
 
 /// How a session's ingest ended.
 pub enum IngestEnd {
@@ -217,7 +228,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut engine_stopped: watch::Receiver<bool>,
 ) -> IngestEnd {
-    let mut confirms: FuturesUnordered<PublisherConfirm> = FuturesUnordered::new();
+    let mut confirms: Confirms = FuturesUnordered::new();
+    let mut staged: Vec<Staged> = Vec::with_capacity(BURST_DELIVERIES_MAX);
     let end = loop {
         tokio::select! {
             biased;
@@ -233,10 +245,35 @@ pub async fn run(
                 None => break IngestEnd::Failed("the broker cancelled the consumer".into()),
                 Some(Err(e)) => break IngestEnd::Failed(format!("consumer: {e}")),
                 Some(Ok(delivery)) => {
-                    match handle(&session, admission, pools, metrics, delivery, &mut confirms).await {
-                        Ok(()) => {}
-                        Err(HandleError::EngineGone) => break IngestEnd::EngineGone,
-                        Err(HandleError::Broker(e)) => break IngestEnd::Failed(e.to_string()),
+                    // A burst: this delivery and those lapin already buffered behind it
+                    // (bounded) are handled in order, then their requests reach the engine
+                    // together: one wake-up of the engine thread per burst, not per request.
+                    let mut next = Some(delivery);
+                    let mut burst = 0;
+                    let mut ended = None;
+                    while let Some(delivery) = next.take() {
+                        burst += 1;
+                        match handle(&session, admission, pools, metrics, delivery, &mut confirms, &mut staged).await {
+                            Ok(()) => {}
+                            Err(HandleError::EngineGone) => { ended = Some(IngestEnd::EngineGone); break; }
+                            Err(HandleError::Broker(e)) => { ended = Some(IngestEnd::Failed(e.to_string())); break; }
+                        }
+                        if burst < BURST_DELIVERIES_MAX && confirms.len() < REPLY_CONFIRMS_MAX {
+                            match consumer.next().now_or_never() {
+                                None => {}
+                                Some(Some(Ok(d))) => next = Some(d),
+                                Some(Some(Err(e))) => ended = Some(IngestEnd::Failed(format!("consumer: {e}"))),
+                                Some(None) => ended = Some(IngestEnd::Failed("the broker cancelled the consumer".into())),
+                            }
+                        }
+                    }
+                    // Every request handed an ID is submitted, whatever ended the burst, so
+                    // the ingest and engine windows stay in step.
+                    if submit_staged(admission, metrics, &mut staged).await.is_err() {
+                        break IngestEnd::EngineGone;
+                    }
+                    if let Some(end) = ended {
+                        break end;
                     }
                 }
             },
@@ -298,7 +335,8 @@ async fn handle(
     pools: &Pools,
     metrics: &Metrics,
     delivery: lapin::message::Delivery,
-    confirms: &mut FuturesUnordered<PublisherConfirm>,
+    confirms: &mut Confirms,
+    staged: &mut Vec<Staged>,
 ) -> Result<(), HandleError> {
     let received = std::time::Instant::now();
     let tag = delivery.delivery_tag;
@@ -346,14 +384,11 @@ async fn handle(
             if let Some(reply_to) = &reply_to
                 && message::reply_allowed(reply_to.as_str(), own_queues)
             {
-                let confirm = session
-                    .publish(
-                        reply_to.as_str(),
-                        &rejected_body(&reason),
-                        reply_properties("rejected", &correlation_id),
-                    )
-                    .await?;
-                confirms.push(confirm);
+                confirms.push(session.start_publish(
+                    reply_to.as_str(),
+                    rejected_body(&reason),
+                    reply_properties("rejected", &correlation_id),
+                ));
             }
             session.reject(tag).await?;
             return Ok(());
@@ -386,27 +421,15 @@ async fn handle(
         Submission::Admin(new, _) => new.request_id,
     };
     if let Some(reply_to) = &reply_to {
-        let confirm = session
-            .publish(
-                reply_to.as_str(),
-                &accepted_body(request_id),
-                reply_properties("accepted", &correlation_id),
-            )
-            .await;
-        match confirm {
-            Ok(c) => confirms.push(c),
-            Err(e) => {
-                // The ID is handed out: submit anyway so ingest and engine windows stay in step.
-                tracing::warn!(
-                    message_id = mid.unwrap_or(""),
-                    correlation_id = correlation_id.as_ref().map_or("", |c| c.as_str()),
-                    request_id,
-                    error = %e,
-                    "accepted reply not sent; the session fails"
-                );
-                session.fail(format!("accepted reply: {e}"));
-            }
-        }
+        // Queued on the publish channel now, before the request reaches the engine, so on
+        // reply_to it precedes the result; written and confirmed without holding up the next
+        // delivery. A reply that fails fails the session (the confirm arm of `run`); the ID is
+        // handed out, so the request is submitted anyway and the windows stay in step.
+        confirms.push(session.start_publish(
+            reply_to.as_str(),
+            accepted_body(request_id),
+            reply_properties("accepted", &correlation_id),
+        ));
     }
     let ticket = Ticket {
         epoch: session.epoch,
@@ -417,11 +440,25 @@ async fn handle(
         received,
         admin_op: None,
     };
-    admission.submit(submission, ticket).await?;
-    metrics.inflight.inc();
-    metrics
-        .stage_accepted
-        .observe(received.elapsed().as_secs_f64());
+    // Submitted with the rest of its burst (`submit_staged`), in the order IDs were handed out.
+    staged.push((submission, ticket));
+    Ok(())
+}
+
+/// Hands a burst's requests to the engine, in order.
+async fn submit_staged(
+    admission: &mut Admission<Ticket>,
+    metrics: &Metrics,
+    staged: &mut Vec<Staged>,
+) -> Result<(), EngineGone> {
+    for (submission, ticket) in staged.drain(..) {
+        let received = ticket.received;
+        admission.submit(submission, ticket).await?;
+        metrics.inflight.inc();
+        metrics
+            .stage_accepted
+            .observe(received.elapsed().as_secs_f64());
+    }
     Ok(())
 }
 
@@ -433,7 +470,7 @@ async fn handle_admin(
     pools: &Pools,
     metrics: &Metrics,
     delivery: lapin::message::Delivery,
-    confirms: &mut FuturesUnordered<PublisherConfirm>,
+    confirms: &mut Confirms,
 ) -> Result<(), HandleError> {
     let received = std::time::Instant::now();
     let tag = delivery.delivery_tag;
@@ -474,14 +511,11 @@ async fn handle_admin(
             if let Some(reply_to) = &reply_to
                 && message::reply_allowed(reply_to.as_str(), &pools.own_queues)
             {
-                let confirm = session
-                    .publish(
-                        reply_to.as_str(),
-                        admin::rejected_reply(&reason).as_bytes(),
-                        reply_properties("rejected", &correlation_id),
-                    )
-                    .await?;
-                confirms.push(confirm);
+                confirms.push(session.start_publish(
+                    reply_to.as_str(),
+                    admin::rejected_reply(&reason).into_bytes(),
+                    reply_properties("rejected", &correlation_id),
+                ));
             }
             session.reject(tag).await?;
             return Ok(());

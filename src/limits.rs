@@ -46,6 +46,10 @@ pub const TIMEOUT_MS_MAX: u64 = 3_600_000;
 pub const SHUTDOWN_DEADLINE_MS_MAX: u64 = 3_600_000;
 /// Accepted-reply confirms ingest keeps in flight before it stops reading deliveries.
 pub const INGEST_REPLY_CONFIRMS_MAX: usize = 4096;
+/// Deliveries lapin already buffered that ingest handles as one burst before it hands their
+/// requests to the engine together (one engine wake-up per burst, not per request). Small
+/// next to the prefetch: a burst is also an upper bound on what one engine batch holds of it.
+pub const INGEST_BURST_DELIVERIES_MAX: usize = 64;
 /// Durable batches settle publishes concurrently.
 pub const SETTLE_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// Completions settle groups into one ack pass.

@@ -11,7 +11,10 @@ use crate::config::AmqpConfig;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::sync::watch;
 
 /// What travels with a request through the engine.
@@ -37,6 +40,12 @@ pub struct Session {
     pub lock: Channel,
     pub cfg: Arc<AmqpConfig>,
     acks: Mutex<AckTracker>,
+    /// Held while a publish is queued: lapin numbers a publish for its confirm
+    /// (`register_pending`) and queues its frames under two different locks, so two threads
+    /// publishing on one channel at once (ingest and settle run on different runtime threads)
+    /// could queue frames in another order than they were numbered, and a confirm would be
+    /// taken for another message's. Taken only around the synchronous first poll.
+    publish_order: Mutex<()>,
     broken: watch::Sender<Option<String>>,
     /// `Some(reason)` while the broker blocks this connection (connection.blocked: a memory or
     /// disk alarm). Read it with [`Session::blocked`] (readiness shows "blocked").
@@ -58,6 +67,7 @@ impl Session {
             lock,
             cfg,
             acks: Mutex::new(AckTracker::new()),
+            publish_order: Mutex::new(()),
             broken: watch::channel(None).0,
             blocked: watch::channel(None).0,
         }
@@ -150,14 +160,24 @@ impl Session {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<PublisherConfirm, AmqpError> {
-        let publish = self.publish.basic_publish(
+        let mut publish = std::pin::pin!(self.publish.basic_publish(
             "".into(),
             routing_key.into(),
             BasicPublishOptions::default(),
             body,
             props,
-        );
-        match self.unless_blocked(publish).await {
+        ));
+        // Numbered and queued under `publish_order` (the first poll does both).
+        let first = {
+            let _order = self.publish_order.lock().expect("publish order lock");
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            publish.as_mut().poll(&mut cx)
+        };
+        let result = match first {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => self.unless_blocked(publish).await,
+        };
+        match result {
             None => Err(AmqpError::Timeout {
                 what: "basic.publish",
                 ms: self.op_ms(),
@@ -168,6 +188,41 @@ impl Session {
             }),
             Some(Ok(confirm)) => Ok(confirm),
         }
+    }
+
+    /// Starts a publish to the default exchange without waiting for it: its frames are queued
+    /// on the publish channel now, so publishes reach the broker in the order they were
+    /// started (an accepted reply started before its request is submitted always precedes the
+    /// result on `reply_to`), and the caller's task is not woken per publish by lapin's I/O thread
+    /// to learn that frames were written. Await the returned [`Publishing`] for the confirm.
+    pub fn start_publish(
+        &self,
+        routing_key: &str,
+        body: impl AsRef<[u8]> + Send + 'static,
+        props: BasicProperties,
+    ) -> Publishing {
+        let channel = self.publish.clone();
+        let routing_key = ShortString::from(routing_key);
+        let mut fut: Pin<Box<PublishFuture>> = Box::pin(async move {
+            channel
+                .basic_publish(
+                    "".into(),
+                    routing_key,
+                    BasicPublishOptions::default(),
+                    body.as_ref(),
+                    props,
+                )
+                .await
+        });
+        // lapin queues the frames on the first poll (before its first await point); the
+        // waker of this poll is never used, the caller's is registered when it awaits.
+        let _order = self.publish_order.lock().expect("publish order lock");
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        Publishing(match fut.as_mut().poll(&mut cx) {
+            Poll::Pending => Stage::Queued(fut),
+            Poll::Ready(Ok(confirm)) => Stage::Confirming(confirm),
+            Poll::Ready(Err(e)) => Stage::Failed(Some(e)),
+        })
     }
 
     /// Rejects without requeue (dead-letters) and records the tag as settled.
@@ -268,4 +323,44 @@ pub fn result_properties(request_id: u64, correlation_id: &Option<ShortString>) 
         .with_delivery_mode(2)
         .with_message_id(request_id.to_string().into())
         .with_headers(headers)
+}
+
+type PublishFuture = dyn Future<Output = lapin::Result<PublisherConfirm>> + Send;
+
+/// A publish started by [`Session::start_publish`]: its frames are queued on the channel.
+/// Awaited, it resolves with the broker's confirmation once the frames are written and the
+/// broker confirmed them (or with the error that stopped either), with no timer of its own:
+/// whoever awaits it puts it under a deadline ([`Session::unless_blocked`], once per batch).
+pub struct Publishing(Stage);
+
+enum Stage {
+    /// Frames queued; waiting for lapin's I/O thread to write them.
+    Queued(Pin<Box<PublishFuture>>),
+    /// Written; waiting for the broker's confirm.
+    Confirming(PublisherConfirm),
+    /// Failed before anything was written (the error is taken once).
+    Failed(Option<lapin::Error>),
+}
+
+impl Future for Publishing {
+    type Output = lapin::Result<lapin::Confirmation>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.0 {
+                Stage::Queued(fut) => match fut.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(confirm)) => this.0 = Stage::Confirming(confirm),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                },
+                Stage::Confirming(confirm) => return Pin::new(confirm).poll(cx),
+                Stage::Failed(e) => {
+                    return Poll::Ready(Err(e
+                        .take()
+                        .expect("a Publishing polled after it completed")));
+                }
+            }
+        }
+    }
 }

@@ -247,6 +247,11 @@ fn delivery_settlement<E: std::fmt::Display>(
 }
 
 /// Publishes a batch's results; returns the future of their confirms.
+///
+/// Every publish of the batch is queued on the channel here, in order, without waiting for
+/// any (no thread round trip per publish); the returned future waits for all of them to be
+/// written and confirmed under one deadline for the batch. Async only for an applied
+/// `add_pool`, whose pool is locked and bound (with `amqp.exchange`) before its reply.
 async fn publish_batch(
     session: Arc<Session>,
     batch: Committed<Ticket>,
@@ -255,6 +260,10 @@ async fn publish_batch(
     metrics: &Arc<Metrics>,
 ) -> impl std::future::Future<Output = Settled> + use<> {
     let total = batch.completions.len();
+    // Every publish of the batch in one flat list (result, then its copy to reply_to), and per
+    // delivery its ticket, whether it is dead-lettered once answered, and how many publishes
+    // are its own.
+    let mut publishes = Vec::with_capacity(2 * total);
     let mut pending = Vec::with_capacity(total);
     for c in batch.completions {
         if c.ticket.epoch != session.epoch {
@@ -279,22 +288,14 @@ async fn publish_batch(
             // Crash tests: the command is durable, its reply not sent (it comes back as a
             // repeat and gets the first reply).
             crate::failpoint::failpoint("settle.before_admin_reply");
-            let mut confirms = Vec::with_capacity(1);
+            let mut own = 0;
             if let Some(reply_to) = &c.ticket.reply_to {
-                match session
-                    .publish(
-                        reply_to.as_str(),
-                        body.as_bytes(),
-                        reply_properties(kind, &c.ticket.correlation_id),
-                    )
-                    .await
-                {
-                    Ok(confirm) => confirms.push(confirm),
-                    Err(e) => {
-                        session.fail(format!("admin reply publish: {e}"));
-                        break;
-                    }
-                }
+                publishes.push(session.start_publish(
+                    reply_to.as_str(),
+                    body.into_owned().into_bytes(),
+                    reply_properties(kind, &c.ticket.correlation_id),
+                ));
+                own = 1;
             }
             tracing::info!(
                 message_id = c.ticket.message_id.as_ref().map_or("", |m| m.as_str()),
@@ -305,33 +306,24 @@ async fn publish_batch(
                 kind,
                 "admin command answered"
             );
-            pending.push((c.ticket, dead_letter, confirms));
+            pending.push((c.ticket, dead_letter, own));
             continue;
         }
         counters.result(&c.outcome);
         let body = result_body(&c.outcome, c.ticket.message_id.as_ref().map(|m| m.as_str()));
         let props = result_properties(c.outcome.request_id, &c.ticket.correlation_id);
-        let mut confirms = Vec::with_capacity(2);
-        match session
-            .publish(&session.cfg.result_queue, &body, props.clone())
-            .await
-        {
-            Ok(confirm) => confirms.push(confirm),
-            Err(e) => {
-                session.fail(format!("result publish: {e}"));
-                break;
-            }
-        }
         if let Some(reply_to) = &c.ticket.reply_to {
-            match session.publish(reply_to.as_str(), &body, props).await {
-                Ok(confirm) => confirms.push(confirm),
-                Err(e) => {
-                    session.fail(format!("result copy publish: {e}"));
-                    break;
-                }
-            }
+            publishes.push(session.start_publish(
+                &session.cfg.result_queue,
+                body.clone(),
+                props.clone(),
+            ));
+            publishes.push(session.start_publish(reply_to.as_str(), body, props));
+            pending.push((c.ticket, false, 2));
+        } else {
+            publishes.push(session.start_publish(&session.cfg.result_queue, body, props));
+            pending.push((c.ticket, false, 1));
         }
-        pending.push((c.ticket, false, confirms));
     }
     // Whatever was not published (stale, or the session failed) is no longer in flight; the
     // published ones leave when their confirms resolve.
@@ -339,18 +331,20 @@ async fn publish_batch(
     let metrics = metrics.clone();
     let pending_len = pending.len();
     async move {
-        // All of the batch's confirms under one deadline, abandoned at once if the session
-        // fails: batches settle in order, so a dead session's batch must never hold up the
-        // batches of the next one.
-        let all = futures::future::join_all(pending.into_iter().map(
-            |(ticket, dead_letter, confirms)| async move {
-                (
-                    ticket,
-                    dead_letter,
-                    delivery_settlement(futures::future::join_all(confirms).await),
-                )
-            },
-        ));
+        // All of the batch's publishes and confirms under one deadline, abandoned at once if
+        // the session fails: batches settle in order, so a dead session's batch must never
+        // hold up the batches of the next one. A publish that failed counts as a failed
+        // confirm: the session fails and nothing of it is acked.
+        let all = async move {
+            let mut confirmations = futures::future::join_all(publishes).await.into_iter();
+            pending
+                .into_iter()
+                .map(|(ticket, dead_letter, n)| {
+                    let settlement = delivery_settlement(confirmations.by_ref().take(n));
+                    (ticket, dead_letter, settlement)
+                })
+                .collect::<Vec<Confirmed>>()
+        };
         let published = pending_len;
         let out = tokio::select! {
             // The timeout does not run while the broker blocks the connection (alarm).

@@ -8,7 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-const M: usize = 12_000;
+/// Requests in the stream. The plan must not run out of them before its last step: the
+/// `AfterMoreResults` kills land some time after the results were seen, while the worker keeps
+/// going, and `wal.after_write:40` needs a backlog of at least 40 WAL batches left. With
+/// 12,000, a worker at ~5,000 requests/s had finished them all before that step.
+const M: usize = 24_000;
 
 #[derive(Debug, Clone, Copy)]
 enum Kill {

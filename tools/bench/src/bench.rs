@@ -15,14 +15,15 @@
 //! run, and for `embedded` the fsync latency of the data directory measured in the same run.
 //!
 //! Targets:
-//! - `ceiling`: an in-process trivial server on its own queues that does what the worker does on
-//!   the broker and nothing else: the same topology (`amqp::declare`), the same prefetch, an
-//!   ingest task that publishes the `accepted` reply and a settle task that publishes the
-//!   persistent result and its copy to `reply_to` on the same confirm channel, keeps batches of
-//!   confirms in flight and acks every batch whose confirms are in with one `multiple` ack — no
-//!   draw, no WAL, no fsync. It stands for what this broker, machine and client can do on the
-//!   contract's message path. It is a reference, not a proof of an upper bound: on a small,
-//!   shared machine run-to-run noise is tens of percent, so compare several runs.
+//! - `ceiling`: an in-process minimal server on its own queues, written in this file and
+//!   sharing no code with the worker's ingest and settle (it would inherit their costs): one
+//!   loop that, per delivery, publishes the `accepted` reply, the persistent result and its copy
+//!   to `reply_to` on one confirm channel, keeps the confirms of many deliveries in flight and
+//!   acks with one `multiple` ack whenever they drain — no draw, no WAL, no fsync, no dedupe.
+//!   It stands for what this broker, machine and client can do on the contract's message path
+//!   (like `amqp-ceiling contract-ideal`). It is a reference, not a proof of an upper bound: on
+//!   a small, shared machine run-to-run noise is tens of percent, so compare several runs. The
+//!   compare report prints the CPU per request of both sides.
 //! - `embedded`: the real worker (`worker::run_until`) in this process, on fresh queues and a
 //!   fresh data directory with one `by_weight` pool of unlimited items, so it never runs out.
 //! - `external`: drives a worker already running on the config's queues (nothing is declared or
@@ -45,21 +46,18 @@
 //! With `--rate`, requests are scheduled at fixed times and latencies are measured from the
 //! scheduled time, so a stalled server cannot hide its stall (no coordinated omission).
 
+use futures::StreamExt;
 use futures::stream::{FuturesOrdered, FuturesUnordered};
-use futures::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions,
-    ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicRejectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
-use rewardpool::amqp::{self, AmqpError, Link, timed};
+use rewardpool::amqp::{self, Link, timed};
 use rewardpool::config::{AmqpConfig, Config, Mode, PoolSeed, QueueType};
-use rewardpool::message::{accepted_body, parse_request, result_body};
-use rewardpool::session::{reply_properties, result_properties};
-use rewardpool::state::Outcome;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
@@ -68,16 +66,15 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 
 /// The pool the in-process targets draw from.
 const BENCH_POOL: &str = "bench";
-/// Reply confirms outstanding before the ceiling's ingest waits for some (as in `ingest`).
-const CEILING_REPLY_CONFIRMS_MAX: usize = 4096;
-/// Largest batch the ceiling's settle task takes at once (as `storage.batch_records_max`).
-const CEILING_BATCH_MAX: usize = 4096;
-/// Batches whose confirms may be outstanding at once (as in `settle`).
-const CEILING_BATCHES_IN_FLIGHT_MAX: usize = 256;
+/// Deliveries whose publishes the ceiling keeps unconfirmed before it stops taking more.
+const CEILING_CONFIRMS_MAX: usize = 4096;
+/// Confirmed deliveries the ceiling acks with one `multiple` ack at most (it also acks
+/// whenever its confirms in flight drain).
+const CEILING_ACK_EVERY: u64 = 250;
 /// How long an in-process server may take to start consuming.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs at least this long show a progress bar (on a terminal).
@@ -540,18 +537,6 @@ fn remove_dir(dir: &Option<PathBuf>) {
 // ---------------------------------------------------------------------------------------------
 // The ceiling server: the worker's broker path without the engine.
 
-/// What the ceiling's ingest hands to its settle task.
-struct CeilingItem {
-    tag: u64,
-    received: Instant,
-    request_id: u64,
-    message_id: Option<ShortString>,
-    reply_to: Option<ShortString>,
-    correlation_id: Option<ShortString>,
-    user: String,
-    count: u32,
-}
-
 async fn ceiling_server(
     cfg: Arc<AmqpConfig>,
     mut stop: watch::Receiver<bool>,
@@ -564,13 +549,45 @@ async fn ceiling_server(
     result
 }
 
+/// A request body as the ceiling reads it: the contract's fields, checked the contract's way
+/// (written here, not taken from the worker's `message` module).
+fn ceiling_parse(body: &[u8]) -> Result<(String, String, u64), String> {
+    if body.len() > 64 * 1024 {
+        return Err("body over 64 KiB".into());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let map = value.as_object().ok_or("body is not a JSON object")?;
+    let text = |field: &str, default: &str| match map.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(default.to_string()),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("{field} must be a string")),
+    };
+    let pool = text("pool", BENCH_POOL)?;
+    let user = text("user", "")?;
+    let count = match map.get("count") {
+        None => 1,
+        Some(c) => c.as_u64().ok_or("count must be a positive integer")?,
+    };
+    if !(1..=100).contains(&count) {
+        return Err(format!("count {count} out of range 1..100"));
+    }
+    Ok((pool, user, count))
+}
+
+/// The ceiling: an independent minimal worker, written here and sharing no code with the
+/// worker's ingest and settle. One loop: per delivery it publishes the `accepted` reply, the
+/// persistent result and its copy to `reply_to` (in that order, on one confirm channel), keeps
+/// the confirms of many deliveries in flight (in delivery order), and acks with one `multiple`
+/// ack whenever the confirms in flight drain or `CEILING_ACK_EVERY` deliveries are confirmed.
+/// No draw, no WAL, no dedupe: exactly the broker work the contract asks for.
 async fn ceiling_session(
     link: &Link,
     cfg: Arc<AmqpConfig>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<String, String> {
     let op = cfg.operation_timeout_ms;
-    // Same queues, same arguments, same qos as the worker.
+    // The same queues, arguments and qos as the worker (topology, not the message path).
     amqp::declare(link, &cfg).await.map_err(|e| e.to_string())?;
     let mut consumer = timed(
         "basic.consume",
@@ -584,62 +601,125 @@ async fn ceiling_session(
     )
     .await
     .map_err(|e| e.to_string())?;
-    let (tx, rx) = mpsc::channel::<CeilingItem>(cfg.prefetch.max(1) as usize);
-    let settler = tokio::spawn(ceiling_settle(
-        link.consume.clone(),
-        link.publish.clone(),
-        cfg.clone(),
-        rx,
-    ));
-    let mut confirms: FuturesUnordered<lapin::PublisherConfirm> = FuturesUnordered::new();
+    let result_queue: ShortString = cfg.result_queue.as_str().into();
+    let json = BasicProperties::default().with_content_type("application/json".into());
+    // Per delivery, in delivery order: its tag once every publish of it is confirmed.
+    let mut confirms = FuturesOrdered::new();
+    // A watchdog instead of a timer per publish: no confirm for `op` ms while some are due.
+    let mut watchdog = tokio::time::interval(Duration::from_millis(op.clamp(100, 1000)));
+    let mut last_progress = Instant::now();
     let mut next_id = 0u64;
+    let (mut deliveries, mut rejected, mut acks) = (0u64, 0u64, 0u64);
+    let mut ack_tag: Option<u64> = None;
+    let mut unacked = 0u64;
     let mut failure: Option<String> = None;
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
-            Some(r) = confirms.next(), if !confirms.is_empty() => {
-                if let Err(e) = r {
-                    failure = Some(format!("reply confirm failed: {e}"));
+            Some(done) = confirms.next(), if !confirms.is_empty() => {
+                let tag: u64 = match done {
+                    Ok(tag) => tag,
+                    Err(e) => { failure = Some(e); break; }
+                };
+                last_progress = Instant::now();
+                ack_tag = Some(tag);
+                unacked += 1;
+                if unacked >= CEILING_ACK_EVERY || confirms.is_empty() {
+                    if let Err(e) = timed("basic.ack", op, link.consume.basic_ack(tag, BasicAckOptions { multiple: true })).await {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                    acks += 1;
+                    ack_tag = None;
+                    unacked = 0;
+                }
+            }
+            _ = watchdog.tick() => {
+                if confirms.is_empty() {
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() > Duration::from_millis(op) {
+                    failure = Some(format!("no publisher confirm for {op} ms"));
                     break;
                 }
             }
-            delivery = consumer.next(), if confirms.len() < CEILING_REPLY_CONFIRMS_MAX => {
+            delivery = consumer.next(), if confirms.len() < CEILING_CONFIRMS_MAX => {
                 let delivery = match delivery {
                     None => { failure = Some("the broker cancelled the consumer".into()); break; }
                     Some(Err(e)) => { failure = Some(format!("consumer: {e}")); break; }
                     Some(Ok(d)) => d,
                 };
-                let received = Instant::now();
+                deliveries += 1;
+                let tag = delivery.delivery_tag;
                 let props = &delivery.properties;
-                let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
-                let correlation_id = props.correlation_id().clone();
-                // The same parsing as the worker; a body it would reject is drawn anyway here.
-                let (user, count) = match parse_request(&delivery.data, BENCH_POOL, |_| true) {
-                    Ok(p) => (p.user, p.count),
-                    Err(_) => (String::new(), 1),
+                let (pool, user, count) = match ceiling_parse(&delivery.data) {
+                    Ok(r) => r,
+                    Err(_) => {
+                        rejected += 1;
+                        let reject = link.consume.basic_reject(tag, BasicRejectOptions { requeue: false });
+                        if let Err(e) = timed("basic.reject", op, reject).await {
+                            failure = Some(e.to_string());
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 next_id += 1;
-                if let Some(r) = &reply_to {
-                    match publish(&link.publish, op, r.as_str(), &accepted_body(next_id), reply_properties("accepted", &correlation_id)).await {
-                        Ok(c) => confirms.push(c),
-                        Err(e) => { failure = Some(format!("accepted reply: {e}")); break; }
+                let id = next_id;
+                let reply_to = props.reply_to().clone().filter(|r| !r.as_str().is_empty());
+                let correlation_id = props.correlation_id().clone();
+                let mut accepted_props = json.clone().with_type("accepted".into());
+                let mut headers = FieldTable::default();
+                headers.insert("request_id".into(), lapin::types::AMQPValue::LongLongInt(id as i64));
+                let mut result_props = json
+                    .clone()
+                    .with_type("result".into())
+                    .with_delivery_mode(2)
+                    .with_message_id(id.to_string().into())
+                    .with_headers(headers);
+                if let Some(c) = correlation_id {
+                    accepted_props = accepted_props.with_correlation_id(c.clone());
+                    result_props = result_props.with_correlation_id(c);
+                }
+                let quote = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+                let message_id = props.message_id().as_ref().map_or("null".to_string(), |m| quote(m.as_str()));
+                let items = vec!["\"win\""; count as usize].join(",");
+                let result = format!(
+                    "{{\"status\":\"won\",\"request_id\":{id},\"message_id\":{message_id},\"pool\":{},\"user\":{},\"count\":{count},\"items\":[{items}]}}",
+                    quote(&pool),
+                    quote(&user)
+                );
+                let channel = link.publish.clone();
+                let result_queue = result_queue.clone();
+                // Polled in push order: the accepted reply is queued before the result.
+                confirms.push_back(async move {
+                    let publish = |queue: ShortString, body: Vec<u8>, props: BasicProperties| {
+                        let channel = channel.clone();
+                        async move {
+                            channel
+                                .basic_publish("".into(), queue, BasicPublishOptions::default(), &body, props)
+                                .await
+                                .map_err(|e| format!("publish: {e}"))
+                        }
+                    };
+                    let accepted = match &reply_to {
+                        Some(r) => Some(publish(r.clone(), format!("{{\"status\":\"accepted\",\"request_id\":{id}}}").into_bytes(), accepted_props).await?),
+                        None => None,
+                    };
+                    let mut results = vec![publish(result_queue, result.clone().into_bytes(), result_props.clone()).await?];
+                    if let Some(r) = reply_to {
+                        results.push(publish(r, result.into_bytes(), result_props).await?);
                     }
-                }
-                let item = CeilingItem {
-                    tag: delivery.delivery_tag,
-                    received,
-                    request_id: next_id,
-                    message_id: props.message_id().clone(),
-                    reply_to,
-                    correlation_id,
-                    user,
-                    count,
-                };
-                if tx.send(item).await.is_err() {
-                    failure = Some("the ceiling settle task stopped".into());
-                    break;
-                }
+                    if let Some(c) = accepted {
+                        c.await.map_err(|e| format!("reply confirm: {e}"))?;
+                    }
+                    for c in results {
+                        if c.await.map_err(|e| format!("publisher confirm: {e}"))?.is_nack() {
+                            return Err("the broker refused a result (nack)".to_string());
+                        }
+                    }
+                    Ok(tag)
+                });
             }
         }
     }
@@ -651,154 +731,41 @@ async fn ceiling_session(
                 .basic_cancel(consumer.tag(), BasicCancelOptions::default()),
         )
         .await;
-    }
-    drop(tx);
-    let _ = tokio::time::timeout(Duration::from_millis(op), async {
-        while confirms.next().await.is_some() {}
-    })
-    .await;
-    let settled = match tokio::time::timeout(Duration::from_millis(op) * 2, settler).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(format!("ceiling settle task: {e}")),
-        Err(_) => Err("ceiling settle task did not finish".into()),
-    };
-    match (failure, settled) {
-        (Some(f), _) => Err(f),
-        (None, Err(e)) => Err(e),
-        (None, Ok(stats)) => Ok(format!(
-            "ceiling: {} deliveries in {} batches (mean {:.1}, max {}), {} acks; delivery to ack {}; batch published to confirmed {}",
-            stats.deliveries,
-            stats.batches,
-            stats.deliveries as f64 / stats.batches.max(1) as f64,
-            stats.batch_max,
-            stats.acks,
-            short_percentiles(&stats.hold),
-            short_percentiles(&stats.confirm),
-        )),
-    }
-}
-
-struct CeilingStats {
-    deliveries: u64,
-    batches: u64,
-    batch_max: usize,
-    acks: u64,
-    /// Delivery received → its ack sent (µs): what holds a prefetch slot.
-    hold: Histogram<u64>,
-    /// Batch published → all its confirms in (µs).
-    confirm: Histogram<u64>,
-}
-
-/// Publishes results and copies for whatever the ingest task has queued (one batch), keeps
-/// batches' confirms in flight, and acks each batch, in order, with one `multiple` ack.
-async fn ceiling_settle(
-    consume: Channel,
-    publish_channel: Channel,
-    cfg: Arc<AmqpConfig>,
-    mut rx: mpsc::Receiver<CeilingItem>,
-) -> Result<CeilingStats, String> {
-    let op = cfg.operation_timeout_ms;
-    let pool: Arc<str> = BENCH_POOL.into();
-    let item_name: Arc<str> = "win".into();
-    let mut stats = CeilingStats {
-        deliveries: 0,
-        batches: 0,
-        batch_max: 0,
-        acks: 0,
-        hold: histogram(),
-        confirm: histogram(),
-    };
-    let mut in_flight = FuturesOrdered::new();
-    let mut buffer = Vec::with_capacity(CEILING_BATCH_MAX);
-    let mut open = true;
-    while open || !in_flight.is_empty() {
-        tokio::select! {
-            n = rx.recv_many(&mut buffer, CEILING_BATCH_MAX), if open && in_flight.len() < CEILING_BATCHES_IN_FLIGHT_MAX => {
-                if n == 0 {
-                    open = false;
-                    continue;
-                }
-                stats.batches += 1;
-                stats.deliveries += n as u64;
-                stats.batch_max = stats.batch_max.max(n);
-                let mut confirms = Vec::with_capacity(2 * n);
-                let mut last_tag = 0;
-                let mut received = Vec::with_capacity(n);
-                for item in buffer.drain(..) {
-                    received.push(item.received);
-                    let outcome = Outcome {
-                        request_id: item.request_id,
-                        pool: pool.clone(),
-                        user: item.user.into(),
-                        count: item.count,
-                        items: vec![item_name.clone()],
-                        closed: false,
-                        admin: None,
-                    };
-                    let body = result_body(&outcome, item.message_id.as_ref().map(|m| m.as_str()));
-                    let props = result_properties(item.request_id, &item.correlation_id);
-                    confirms.push(publish(&publish_channel, op, &cfg.result_queue, &body, props.clone()).await.map_err(|e| format!("result publish: {e}"))?);
-                    if let Some(r) = &item.reply_to {
-                        confirms.push(publish(&publish_channel, op, r.as_str(), &body, props).await.map_err(|e| format!("result copy publish: {e}"))?);
-                    }
-                    last_tag = item.tag;
-                }
-                let published = Instant::now();
-                in_flight.push_back(async move {
-                    for confirm in confirms {
-                        match tokio::time::timeout(Duration::from_millis(op), confirm).await {
-                            Err(_) => return Err("publisher confirm timed out".to_string()),
-                            Ok(Err(e)) => return Err(format!("publisher confirm: {e}")),
-                            Ok(Ok(c)) if c.is_nack() => return Err("the broker refused a result (nack)".to_string()),
-                            Ok(Ok(_)) => {}
-                        }
-                    }
-                    Ok((last_tag, received, micros(published.elapsed())))
-                });
+        // Finish what was taken, then one last ack.
+        let drained = tokio::time::timeout(Duration::from_millis(op), async {
+            while let Some(done) = confirms.next().await {
+                ack_tag = Some(done?);
             }
-            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                // Every batch whose confirms are in by now is settled by the same ack.
-                let mut settled = vec![done?];
-                while let Some(Some(more)) = in_flight.next().now_or_never() {
-                    settled.push(more?);
-                }
-                let Some(&(tag, _, _)) = settled.last() else { continue };
-                timed("basic.ack", op, consume.basic_ack(tag, BasicAckOptions { multiple: true }))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                stats.acks += 1;
-                let now = Instant::now();
-                for (_, received, confirm_us) in settled {
-                    stats.confirm.saturating_record(confirm_us);
-                    for r in received {
-                        stats.hold.saturating_record(micros(now - r));
-                    }
-                }
+            Ok::<(), String>(())
+        })
+        .await;
+        match drained {
+            Err(_) => failure = Some("ceiling: confirms did not drain".into()),
+            Ok(Err(e)) => failure = Some(e),
+            Ok(Ok(())) => {}
+        }
+        if failure.is_none()
+            && let Some(tag) = ack_tag
+        {
+            match timed(
+                "basic.ack",
+                op,
+                link.consume
+                    .basic_ack(tag, BasicAckOptions { multiple: true }),
+            )
+            .await
+            {
+                Ok(_) => acks += 1,
+                Err(e) => failure = Some(e.to_string()),
             }
         }
     }
-    Ok(stats)
-}
-
-async fn publish(
-    channel: &Channel,
-    op: u64,
-    routing_key: &str,
-    body: &[u8],
-    props: BasicProperties,
-) -> Result<lapin::PublisherConfirm, AmqpError> {
-    timed(
-        "basic.publish",
-        op,
-        channel.basic_publish(
-            "".into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        ),
-    )
-    .await
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(format!(
+            "ceiling: {deliveries} deliveries ({rejected} rejected), {acks} acks (independent minimal consumer)"
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1659,17 +1626,6 @@ fn percentiles(h: &Histogram<u64>) -> String {
     )
 }
 
-fn short_percentiles(h: &Histogram<u64>) -> String {
-    if h.is_empty() {
-        return "n/a".into();
-    }
-    format!(
-        "p50 {} p99 {}",
-        ms(h.value_at_quantile(0.5)),
-        ms(h.value_at_quantile(0.99))
-    )
-}
-
 fn print_compare(ceiling: &Report, embedded: &Report) {
     let (tc, te) = (ceiling.throughput(), embedded.throughput());
     let p99 = |r: &Report| {
@@ -1687,6 +1643,22 @@ fn print_compare(ceiling: &Report, embedded: &Report) {
         "result p99         {:>10}   {:>10}",
         p99(ceiling),
         p99(embedded)
+    );
+    // CPU per result of each side (this process: client + server; the client's share is the
+    // same in both runs), and of the local broker.
+    let per_request = |r: &Report, secs: Option<f64>| match secs {
+        Some(s) if r.client.results > 0 => format!("{:.0} µs", 1e6 * s / r.client.results as f64),
+        _ => "n/a".to_string(),
+    };
+    println!(
+        "cpu/request        {:>10}   {:>10}   (this process, from /proc/self/stat)",
+        per_request(ceiling, ceiling.client.cpu.this_process),
+        per_request(embedded, embedded.client.cpu.this_process)
+    );
+    println!(
+        "broker cpu/request {:>10}   {:>10}   (beam.smp, from /proc/PID/stat)",
+        per_request(ceiling, ceiling.client.cpu.broker),
+        per_request(embedded, embedded.client.cpu.broker)
     );
     if !(ceiling.complete() && embedded.complete()) {
         println!("ratio embedded/ceiling = n/a (a run did not complete; see above)");
