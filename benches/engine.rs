@@ -3,6 +3,9 @@
 //! - `engine_durable/batch_max=N`: requests per second through admission, draw, WAL append and
 //!   `fdatasync`, counted when the caller sees the completion (after the fsync). The fsync
 //!   latency measured in the same run is printed, with the ceiling `batch ÷ fsync latency`.
+//! - `admin/restock_10000`: the time to apply 10,000 admin `restock` commands durably (through
+//!   admission, the engine's checks, the WAL and `fdatasync`, batch_max=1024, counted when the
+//!   last completion is seen), each iteration a fresh engine on the same directory.
 //! - `recovery/replay_1m_records`: `recovery::load` of a WAL of 1,000,000 draw records.
 //! - `snapshot/capture_1m_items_100k_window`: the engine's stall while a snapshot is taken
 //!   (copying the state); `snapshot/write_...` is the background part (serialise + fsync).
@@ -11,7 +14,8 @@
 //! `REWARDPOOL_BENCH_DIR` says otherwise.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use rewardpool::admission::{Admission, DrawSpec};
+use rewardpool::admin::AdminCommand;
+use rewardpool::admission::{AdminSpec, Admission, DrawSpec, Submission};
 use rewardpool::config::Config;
 use rewardpool::engine::Engine;
 use rewardpool::pool::{DrawRng, Mode};
@@ -108,6 +112,87 @@ fn durable_run(cfg: &Config, n: u64, first_key: u64) -> (Duration, u64, u64, u64
     let batches = stats.batches.load(Ordering::Relaxed);
     engine.join().unwrap();
     (elapsed, fsyncs, fsync_us, batches)
+}
+
+/// Pushes `n` restock commands through a fresh engine; the elapsed time until the last one is
+/// durable and completed.
+fn restock_run(cfg: &Config, n: u64) -> Duration {
+    let recovered = rewardpool::recovery::recover(cfg, false).unwrap();
+    let window = Admission::<()>::window_of(&recovered.state);
+    let (mut engine, mut committed) = Engine::<()>::start(
+        recovered.state,
+        recovered.segment,
+        rewardpool::engine::EngineOptions::from_config(cfg, false),
+    );
+    let mut admission = Admission::new(window, engine.ids(), engine.sender());
+    let started = Instant::now();
+    let consumer = std::thread::spawn(move || {
+        let mut done = 0u64;
+        while done < n {
+            match committed.blocking_recv() {
+                Some(batch) => {
+                    for c in &batch.completions {
+                        assert!(c.rejected.is_none(), "restock rejected: {:?}", c.rejected);
+                    }
+                    done += batch.completions.len() as u64;
+                }
+                None => break,
+            }
+        }
+        let elapsed = started.elapsed();
+        while committed.blocking_recv().is_some() {}
+        elapsed
+    });
+    for _ in 0..n {
+        let new = admission.assign_admin_blocking().unwrap();
+        let spec = AdminSpec {
+            message_id: None,
+            command: AdminCommand::Restock {
+                pool: "default".into(),
+                item: "gold".into(),
+                add: 1,
+            },
+        };
+        admission
+            .submit_blocking(Submission::Admin(new, spec), ())
+            .unwrap();
+    }
+    drop(admission);
+    engine.close();
+    let elapsed = consumer.join().unwrap();
+    engine.join().unwrap();
+    elapsed
+}
+
+fn admin_restock(c: &mut Criterion) {
+    let mut group = c.benchmark_group("admin");
+    group.sample_size(10);
+    const RESTOCKS: u64 = 10_000;
+    group.throughput(Throughput::Elements(RESTOCKS));
+    let dir = bench_dir("admin-restock");
+    let cfg = config(&dir, 1024);
+    let mut totals = (0u64, Duration::ZERO);
+    group.bench_function("restock_10000", |b| {
+        b.iter_custom(|iters| {
+            let mut elapsed = Duration::ZERO;
+            for _ in 0..iters {
+                elapsed += restock_run(&cfg, RESTOCKS);
+            }
+            totals.0 += iters;
+            totals.1 += elapsed;
+            elapsed
+        })
+    });
+    if totals.0 > 0 {
+        let per_run = totals.1.as_secs_f64() / totals.0 as f64;
+        println!(
+            "admin/restock_10000: 10,000 durable restocks take {:.1} ms ({:.0} commands/s)",
+            per_run * 1e3,
+            RESTOCKS as f64 / per_run
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    group.finish();
 }
 
 fn engine_durable(c: &mut Criterion) {
@@ -239,5 +324,11 @@ fn snapshot_stall(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-criterion_group!(benches, engine_durable, recovery_replay, snapshot_stall);
+criterion_group!(
+    benches,
+    engine_durable,
+    admin_restock,
+    recovery_replay,
+    snapshot_stall
+);
 criterion_main!(benches);

@@ -65,6 +65,15 @@ impl Assigned {
 pub enum Submission {
     New(NewId, DrawSpec),
     Repeat(RepeatOf),
+    /// An admin command with a new ID (from `assign_admin`); the engine catches its repeats.
+    Admin(NewId, AdminSpec),
+}
+
+/// What an admin command asks for.
+#[derive(Debug, Clone)]
+pub struct AdminSpec {
+    pub message_id: Option<String>,
+    pub command: crate::admin::AdminCommand,
 }
 
 /// What a new request draws.
@@ -147,6 +156,21 @@ impl<T> Admission<T> {
         self.remember(key, request_id).map(Assigned::New)
     }
 
+    /// A new ID for an admin command. Its message_id is not remembered here: the engine
+    /// decides (applied, repeat or rejected) and catches repeats in its own window, because a
+    /// rejected command must leave no trace. Its ID is a gap when it is a repeat or rejected.
+    pub async fn assign_admin(&mut self) -> Result<NewId, EngineGone> {
+        let engine = self.engine.clone();
+        let request_id = self.ids.next(move || wake(&engine)).await;
+        self.remember(None, request_id)
+    }
+
+    pub fn assign_admin_blocking(&mut self) -> Result<NewId, EngineGone> {
+        let engine = self.engine.clone();
+        let request_id = self.ids.next_blocking(move || wake(&engine));
+        self.remember(None, request_id)
+    }
+
     /// Remembers a new request's ID (`None`: the engine is gone, no ID will come).
     fn remember(
         &mut self,
@@ -176,6 +200,12 @@ impl<T> Admission<T> {
                 pool_index: draw.pool_index,
                 user: draw.user,
                 count: draw.count,
+                ticket,
+            }),
+            Submission::Admin(new, admin) => Command::Admin(crate::engine::AdminRequest {
+                request_id: new.request_id,
+                message_id: admin.message_id,
+                command: admin.command,
                 ticket,
             }),
         }

@@ -10,8 +10,12 @@
 //!
 //! * recorded items = re-derived items;
 //! * every epoch's commitment is sha256(secret), epoch numbers increase, no draw before one;
-//! * stock accounting (`initial = quantity + issued`) for every item a batch touched, after
-//!   the batch, and for every item after any record that is not a draw;
+//! * stock accounting (`stocked = quantity + issued`, `stocked` = the initial quantity plus
+//!   every admin change) for every item a batch touched, after the batch, and for every item
+//!   after any record that is not a draw;
+//! * admin commands (`Admin` records) legal against the state they met (the live checks:
+//!   pool and item exist, limited items, modes, 2^40 stock), applied as recovery applies them;
+//!   a draw on a closed pool has no items (its result was `closed`) and consumes no words;
 //! * request IDs strictly increasing, within the reserved range; no `message_id` drawn twice
 //!   within the window; batches consecutive; every record decodes.
 //!
@@ -20,7 +24,7 @@
 //! docs/audit.md as it goes.
 
 use crate::epoch::to_hex;
-use crate::record::{self, Record};
+use crate::record::{self, AdminOp, Record};
 use crate::snapshot;
 use crate::state::State;
 use crate::wal::{self, BATCH_HEADER_BYTES, ScanEnd};
@@ -54,12 +58,11 @@ impl std::fmt::Display for Mismatch {
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub verified_draws: u64,
-    /// Records that are neither draws, seeds, reservations nor epochs (admin commands),
-    /// applied through the state's checks.
+    /// Admin command records, each checked against the state it met and applied.
     pub verified_commands: u64,
     /// Epoch records met (their commitment checked).
     pub epochs: u64,
-    /// The verified request-ID range (`null` when no draw was verified).
+    /// The verified request-ID range, draws and commands (`null` when none was verified).
     pub first_request_id: Option<u64>,
     pub last_request_id: Option<u64>,
     pub mismatches: u64,
@@ -196,32 +199,40 @@ fn pass(
                             out.epoch(epoch.number, &epoch.commitment, &epoch.secret)?;
                         }
                     }
+                    Record::Admin(admin) => {
+                        let rid = Some(admin.request_id);
+                        if let Err(e) = state.apply(record) {
+                            stop = Some(fail(record_at, rid, e.to_string()));
+                            return Ok(());
+                        }
+                        if let Some(bad) = stock_fault(&state, None) {
+                            stop = Some(fail(record_at, rid, bad));
+                            return Ok(());
+                        }
+                        summary.verified_commands += 1;
+                        summary.first_request_id.get_or_insert(admin.request_id);
+                        summary.last_request_id = Some(admin.request_id);
+                        if let Some(out) = &mut out {
+                            // The command, for the verifier to apply, then the pool as the
+                            // audit has it after the command, for the verifier to compare.
+                            out.command(admin)?;
+                            out.pool(&state, admin.op.pool_index())?;
+                        }
+                    }
                     other => {
                         let pools_before = state.pools.len();
                         if let Err(e) = state.apply(other) {
                             stop = Some(fail(record_at, None, e.to_string()));
                             return Ok(());
                         }
-                        let command =
-                            !matches!(other, Record::Seed { .. } | Record::Reserve { .. });
-                        if command {
-                            summary.verified_commands += 1;
-                        }
                         if let Some(bad) = stock_fault(&state, None) {
                             stop = Some(fail(record_at, None, bad));
                             return Ok(());
                         }
                         if let Some(out) = &mut out {
-                            // A seed adds a pool; any other change restates every pool (a
-                            // command may change any of them): the verifier replaces its copy.
-                            if matches!(other, Record::Seed { .. }) {
-                                for index in pools_before..state.pools.len() {
-                                    out.pool(&state, index as u32)?;
-                                }
-                            } else if command {
-                                for index in 0..state.pools.len() {
-                                    out.pool(&state, index as u32)?;
-                                }
+                            // A seed adds a pool.
+                            for index in pools_before..state.pools.len() {
+                                out.pool(&state, index as u32)?;
                             }
                         }
                     }
@@ -292,15 +303,19 @@ fn stock_fault(state: &State, items: Option<&[(u32, u32)]>) -> Option<String> {
     let check = |pool: u32, index: u32| -> Option<String> {
         let slot = state.pool(pool)?;
         let item = slot.pool.items().get(index as usize)?;
-        match (item.initial, item.quantity) {
-            (Some(initial), Some(quantity))
-                if quantity.checked_add(item.issued) != Some(initial) =>
+        match (item.stocked, item.quantity) {
+            (Some(stocked), Some(quantity))
+                if quantity.checked_add(item.issued) != Some(stocked) =>
             {
                 Some(format!(
-                    "pool {:?} item {:?}: stocked {initial} != quantity {quantity} + issued {}",
+                    "pool {:?} item {:?}: stocked {stocked} != quantity {quantity} + issued {}",
                     slot.id, item.id, item.issued
                 ))
             }
+            (Some(_), None) | (None, Some(_)) => Some(format!(
+                "pool {:?} item {:?}: stocked and quantity disagree on being limited",
+                slot.id, item.id
+            )),
             _ => None,
         }
     };
@@ -383,7 +398,7 @@ impl Exporter {
         self.line(&json!({
             "type": "header",
             "format": "rewardpool-audit-bundle",
-            "version": 1,
+            "version": 2,
             "stream": "hmac-sha256-ctr",
             "sampling": "lemire-u64",
         }))?;
@@ -402,16 +417,54 @@ impl Exporter {
             .pool
             .items()
             .iter()
-            .map(|i| json!({"id": i.id, "quantity": i.quantity, "weight": i.weight}))
+            .map(|i| {
+                json!({"id": i.id, "quantity": i.quantity, "weight": i.weight,
+                       "issued": i.issued, "stocked": i.stocked})
+            })
             .collect();
         self.line(&json!({
             "type": "pool",
             "pool_index": index,
             "id": &*slot.id,
             "mode": slot.pool.mode(),
-            "closed": false,
+            "closed": slot.closed,
             "items": items,
         }))
+    }
+
+    /// An applied admin command, by index (docs/audit.md, "command").
+    fn command(&mut self, admin: &record::AdminRecord) -> io::Result<()> {
+        let seed_item = |item: &crate::seed::SeedItem| json!({"id": item.id, "quantity": item.stock.quantity(), "weight": item.weight});
+        let mut line = json!({
+            "type": "command",
+            "request_id": admin.request_id,
+            "op": admin.op.name(),
+            "pool_index": admin.op.pool_index(),
+        });
+        let fields = match &admin.op {
+            AdminOp::Restock {
+                item_index, add, ..
+            } => json!({"item_index": item_index, "add": add}),
+            AdminOp::SetQuantity {
+                item_index,
+                quantity,
+                ..
+            } => json!({"item_index": item_index, "quantity": quantity}),
+            AdminOp::SetWeight {
+                item_index, weight, ..
+            } => json!({"item_index": item_index, "weight": weight}),
+            AdminOp::AddItem { item, .. } => json!({"item": seed_item(item)}),
+            AdminOp::AddPool { pool, .. } => json!({"pool": {
+                "id": pool.id,
+                "mode": pool.mode,
+                "items": pool.items.iter().map(seed_item).collect::<Vec<_>>(),
+            }}),
+            AdminOp::ClosePool { .. } | AdminOp::OpenPool { .. } => json!({}),
+        };
+        if let (Some(line), serde_json::Value::Object(fields)) = (line.as_object_mut(), fields) {
+            line.extend(fields);
+        }
+        self.line(&line)
     }
 
     fn epoch(&mut self, number: u64, commitment: &[u8; 32], secret: &[u8; 32]) -> io::Result<()> {
@@ -438,6 +491,7 @@ impl Exporter {
         self.line(&json!({
             "type": "end",
             "draws": summary.verified_draws,
+            "commands": summary.verified_commands,
             "first_request_id": summary.first_request_id,
             "last_request_id": summary.last_request_id,
         }))?;

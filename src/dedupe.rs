@@ -76,6 +76,17 @@ impl<V: Clone> Window<V> {
         }
     }
 
+    /// A window of the same bound that allocates as it fills, for keys that are rare (admin
+    /// commands): no up-front memory for a capacity it will likely never reach.
+    pub fn sparse(capacity: usize) -> Self {
+        assert!(capacity > 0);
+        Window {
+            capacity,
+            map: KeyMap::default(),
+            order: VecDeque::new(),
+        }
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }

@@ -32,7 +32,7 @@ use crate::limits::{
 };
 use crate::record::{EpochRecord, Record};
 use crate::snapshot::{self, Image};
-use crate::state::{DrawInput, Outcome, State};
+use crate::state::{AdminResult, DrawInput, Outcome, State};
 use crate::storage::Storage;
 use crate::wal::{BatchBuilder, SegmentWriter};
 use std::path::PathBuf;
@@ -100,17 +100,31 @@ pub struct RepeatRequest<T> {
     pub ticket: T,
 }
 
+/// An admin command with its ID: the engine checks it against the state between two draws and
+/// applies it (a WAL record) or rejects it (nothing written, the ID is a gap).
+pub struct AdminRequest<T> {
+    pub request_id: u64,
+    pub message_id: Option<String>,
+    pub command: crate::admin::AdminCommand,
+    pub ticket: T,
+}
+
 pub enum Command<T> {
     Draw(DrawRequest<T>),
     Repeat(RepeatRequest<T>),
+    Admin(AdminRequest<T>),
     /// Nothing to draw; check whether an ID reservation is due.
     Wake,
 }
 
 pub struct Completion<T> {
+    /// A draw's outcome, or an applied admin command's (`outcome.admin` holds its reply).
     pub outcome: Arc<Outcome>,
     pub repeat: bool,
     pub ticket: T,
+    /// An admin command the state refused: the reason. `outcome` then only names the request
+    /// ID and pool; nothing was written or changed.
+    pub rejected: Option<String>,
 }
 
 /// Completions of requests whose records are durable, in draw order.
@@ -502,6 +516,7 @@ fn engine_loop<T>(
                         outcome,
                         repeat: false,
                         ticket: req.ticket,
+                        rejected: None,
                     });
                 }
                 Command::Repeat(rep) => {
@@ -516,6 +531,49 @@ fn engine_loop<T>(
                         outcome: first.clone(),
                         repeat: true,
                         ticket: rep.ticket,
+                        rejected: None,
+                    });
+                }
+                Command::Admin(req) => {
+                    assert!(
+                        req.request_id <= state.reserved_ids,
+                        "request ID {} handed out beyond the reservation {}",
+                        req.request_id,
+                        state.reserved_ids
+                    );
+                    let applied = state
+                        .admin(
+                            req.request_id,
+                            req.message_id.as_deref(),
+                            &req.command,
+                            batch.buffer(),
+                        )
+                        .unwrap_or_else(|e| panic!("engine invariant violated: {e}"));
+                    let (outcome, repeat, rejected) = match applied {
+                        AdminResult::Applied(outcome) => {
+                            batch.count_record();
+                            (outcome, false, None)
+                        }
+                        AdminResult::Repeat(first) => (first, true, None),
+                        AdminResult::Rejected(reason) => (
+                            Arc::new(Outcome {
+                                request_id: req.request_id,
+                                pool: Arc::from(req.command.pool()),
+                                user: Arc::from(""),
+                                count: 0,
+                                items: Vec::new(),
+                                closed: false,
+                                admin: None,
+                            }),
+                            false,
+                            Some(reason),
+                        ),
+                    };
+                    completions.push(Completion {
+                        outcome,
+                        repeat,
+                        ticket: req.ticket,
+                        rejected,
                     });
                 }
             }

@@ -231,6 +231,7 @@ async fn handle(
     let request_id = match &submission {
         Submission::New(new, _) => new.request_id,
         Submission::Repeat(repeat) => repeat.request_id,
+        Submission::Admin(new, _) => new.request_id,
     };
     if let Some(reply_to) = &reply_to {
         let confirm = session

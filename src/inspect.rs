@@ -4,7 +4,9 @@
 //! worker's directory, on an empty or missing one, and (with the usual caveat that a batch
 //! being written may show as a torn tail) beside a running worker.
 
+use crate::admin::{ItemView, PoolView};
 use crate::config::Config;
+use crate::record::AdminOp;
 use crate::record::Record;
 use crate::recovery::{self, RecoveryError};
 use crate::seed::PoolSeed;
@@ -23,6 +25,9 @@ pub struct InspectOutput {
     /// Absent before the first draw.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<InspectEpoch>,
+    /// Where the config and the durable state differ (printed on stderr, not in the JSON).
+    #[serde(skip)]
+    pub drift: Vec<String>,
 }
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
@@ -33,31 +38,16 @@ pub struct InspectEpoch {
     pub draws: u64,
 }
 
-#[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct InspectPool {
-    pub id: String,
-    pub mode: crate::seed::Mode,
-    /// No admin command can close a pool yet (issue 7): always `false` for now.
-    pub closed: bool,
-    pub items: Vec<InspectItem>,
-}
-
-/// The contract's item: `quantity` left, `issued` ever drawn, `stocked` ever put in (`null`
-/// for an unlimited item), `weight` (`null` in a `by_quantity` pool). `stocked = quantity +
-/// issued` for every limited item.
-#[derive(Serialize, Debug, PartialEq, Eq)]
-pub struct InspectItem {
-    pub id: String,
-    pub quantity: Option<u64>,
-    pub issued: u64,
-    pub stocked: Option<u64>,
-    pub weight: Option<u64>,
-}
+/// A pool as `inspect` shows it: id, mode, closed, items (`quantity`, `issued`, `stocked`,
+/// `weight`; `stocked = quantity + issued` for every limited item, asserted as it is shown).
+pub type InspectPool = PoolView;
+pub type InspectItem = ItemView;
 
 /// The recovered state as the contract's `inspect` JSON. Pools and items keep the config's
 /// order; pools and items that only the durable state knows follow in state order.
 pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, RecoveryError> {
     let (mut state, _) = recovery::load(data_dir, config.storage.dedupe_window)?;
+    let drift = recovery::config_drift(&state, config);
     recovery::seed_in_memory(&mut state, config)?;
     let mut order: Vec<u32> = config
         .pools
@@ -93,17 +83,8 @@ pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, Recove
         pools.push(InspectPool {
             id: slot.id.to_string(),
             mode: slot.pool.mode(),
-            closed: false,
-            items: idx
-                .into_iter()
-                .map(|i| InspectItem {
-                    id: items[i].id.clone(),
-                    quantity: items[i].quantity,
-                    issued: items[i].issued,
-                    stocked: items[i].initial,
-                    weight: items[i].weight,
-                })
-                .collect(),
+            closed: slot.closed,
+            items: idx.into_iter().map(|i| ItemView::of(&items[i])).collect(),
         });
     }
     Ok(InspectOutput {
@@ -114,6 +95,7 @@ pub fn inspect(config: &Config, data_dir: &Path) -> Result<InspectOutput, Recove
             commitment: crate::epoch::to_hex(&e.commitment),
             draws: e.draws,
         }),
+        drift,
     })
 }
 
@@ -124,8 +106,8 @@ pub fn wal_dump(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> io::Result<()> {
-    // Names come from the newest valid snapshot (pool and item indexes never change) and from
-    // Seed records as they appear.
+    // Names come from the newest valid snapshot (pool and item indexes never change; admin
+    // commands only append) and from Seed, add_pool and add_item records as they appear.
     let mut names: Vec<(String, Vec<String>)> = Vec::new();
     for (_, path) in snapshot::list(data_dir)? {
         if let Ok(state) = snapshot::load(&path, dedupe_window) {
@@ -174,33 +156,74 @@ pub fn wal_dump(
                             pool_id.clone(),
                             items.iter().map(|i| i.id.clone()).collect(),
                         );
-                        let shown: Vec<String> = items
-                            .iter()
-                            .take(20)
-                            .map(|i| {
-                                let q = i
-                                    .stock
+                        writeln!(
+                            out,
+                            "seed pool={pool_id:?} index={pool_index} mode={} items={} [{}]",
+                            mode.as_str(),
+                            items.len(),
+                            items_text(items)
+                        )?;
+                    }
+                    Record::Admin(a) => {
+                        let index = a.op.pool_index() as usize;
+                        if let AdminOp::AddPool { pool, .. } = &a.op {
+                            if index >= names.len() {
+                                names.resize(index + 1, (String::new(), vec![]));
+                            }
+                            names[index] = (
+                                pool.id.clone(),
+                                pool.items.iter().map(|i| i.id.clone()).collect(),
+                            );
+                        }
+                        if let AdminOp::AddItem { item, .. } = &a.op
+                            && let Some(pool) = names.get_mut(index)
+                        {
+                            pool.1.push(item.id.clone());
+                        }
+                        let pool = names.get(index);
+                        let pool_name =
+                            pool.map_or_else(|| format!("#{index}"), |p| format!("{:?}", p.0));
+                        let item_name = |i: u32| {
+                            pool.and_then(|p| p.1.get(i as usize))
+                                .map_or_else(|| format!("#{i}"), |n| format!("{n:?}"))
+                        };
+                        let detail = match &a.op {
+                            AdminOp::Restock {
+                                item_index, add, ..
+                            } => format!("item={} add={add}", item_name(*item_index)),
+                            AdminOp::SetQuantity {
+                                item_index,
+                                quantity,
+                                ..
+                            } => format!("item={} quantity={quantity}", item_name(*item_index)),
+                            AdminOp::SetWeight {
+                                item_index, weight, ..
+                            } => format!("item={} weight={weight}", item_name(*item_index)),
+                            AdminOp::AddItem { item, .. } => format!(
+                                "item={:?} quantity={} weight={}",
+                                item.id,
+                                item.stock
                                     .quantity()
-                                    .map_or("unlimited".to_string(), |q| q.to_string());
-                                match i.weight {
-                                    Some(w) => format!("{}:{}@{}", i.id, q, w),
-                                    None => format!("{}:{}", i.id, q),
-                                }
-                            })
-                            .collect();
-                        let more = if items.len() > 20 {
-                            format!(" …+{}", items.len() - 20)
-                        } else {
-                            String::new()
+                                    .map_or("unlimited".to_string(), |q| q.to_string()),
+                                item.weight.map_or("none".to_string(), |w| w.to_string())
+                            ),
+                            AdminOp::AddPool { pool, .. } => format!(
+                                "index={index} mode={} items={} [{}]",
+                                pool.mode.as_str(),
+                                pool.items.len(),
+                                items_text(&pool.items)
+                            ),
+                            AdminOp::ClosePool { .. } | AdminOp::OpenPool { .. } => String::new(),
                         };
                         writeln!(
                             out,
-                            "seed pool={pool_id:?} index={pool_index} mode={} items={} [{}{more}]",
-                            serde_json::to_string(mode)
-                                .unwrap_or_default()
-                                .trim_matches('"'),
-                            items.len(),
-                            shown.join(", ")
+                            "admin request_id={} message_id={} op={} pool={pool_name}{}{detail}",
+                            a.request_id,
+                            a.message_id
+                                .as_ref()
+                                .map_or("none".to_string(), |m| format!("{m:?}")),
+                            a.op.name(),
+                            if detail.is_empty() { "" } else { " " },
                         )?;
                     }
                     Record::Draw(d) => {
@@ -240,4 +263,27 @@ pub fn wal_dump(
         }
     }
     Ok(())
+}
+
+/// Seed items as `wal dump` shows them: `id:quantity` or `id:quantity@weight` (`unlimited`),
+/// the first 20, then how many more.
+fn items_text(items: &[crate::seed::SeedItem]) -> String {
+    let mut shown: Vec<String> = items
+        .iter()
+        .take(20)
+        .map(|i| {
+            let q = i
+                .stock
+                .quantity()
+                .map_or("unlimited".to_string(), |q| q.to_string());
+            match i.weight {
+                Some(w) => format!("{}:{}@{}", i.id, q, w),
+                None => format!("{}:{}", i.id, q),
+            }
+        })
+        .collect();
+    if items.len() > 20 {
+        shown.push(format!("…+{}", items.len() - 20));
+    }
+    shown.join(", ")
 }

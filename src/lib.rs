@@ -39,6 +39,7 @@
 //! (end-to-end throughput and latency next to the broker's ceiling).
 
 pub mod acks;
+pub mod admin;
 pub mod admission;
 pub mod amqp;
 pub mod audit;

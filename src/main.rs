@@ -161,6 +161,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Inspect(common) => {
             let config = load_config(&common)?;
             let out = rewardpool::inspect::inspect(&config, &config.storage.data_dir)?;
+            for difference in &out.drift {
+                eprintln!("config differs from the durable state (the state wins): {difference}");
+            }
             println!("{}", serde_json::to_string(&out)?);
             Ok(ExitCode::SUCCESS)
         }

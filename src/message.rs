@@ -124,7 +124,7 @@ pub fn check_properties<Q: AsRef<str>>(p: &RequestProps, own_queues: &[Q]) -> Re
 /// A JSON value read strictly: an object with the same key twice (at any depth) is an error,
 /// since parsers disagree on which one counts. Everything else is serde_json's grammar (no BOM,
 /// no trailing data, UTF-8 only, no lone surrogates, nesting at most 128 deep).
-struct Strict(serde_json::Value);
+pub(crate) struct Strict(pub(crate) serde_json::Value);
 
 impl<'de> serde::Deserialize<'de> for Strict {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -378,6 +378,8 @@ mod tests {
             user: Arc::from("alice"),
             count: 1,
             items: vec![Arc::from("gold")],
+            closed: false,
+            admin: None,
         };
         let v: serde_json::Value =
             serde_json::from_slice(&result_body(&outcome, Some("m-17"))).unwrap();

@@ -44,8 +44,11 @@ pub struct Item {
     pub quantity: Option<u64>,
     /// Draw weight (by_weight pools only).
     pub weight: Option<u64>,
-    /// Quantity at seeding; `None` for unlimited items.
-    pub initial: Option<u64>,
+    /// Units ever put in: the quantity at seeding plus every admin change (`restock`,
+    /// `set_quantity`); `None` for unlimited items. Always `stocked = quantity + issued`.
+    /// (Snapshots of version 1 called it `initial`.)
+    #[serde(alias = "initial")]
+    pub stocked: Option<u64>,
     /// Units issued so far.
     pub issued: u64,
 }
@@ -58,9 +61,9 @@ pub struct Pool {
     items: Vec<Item>,
     /// `tree.weight(i) == draw_weight(mode, &items[i])` for every `i`.
     tree: Fenwick,
-    /// Over the limited items, kept beside the items: `units_initial == units_left +
+    /// Over the limited items, kept beside the items: `units_stocked == units_left +
     /// units_issued` is conservation, checked per batch in release builds.
-    units_initial: u64,
+    units_stocked: u64,
     units_left: u64,
     units_issued: u64,
 }
@@ -93,7 +96,7 @@ impl fmt::Display for PoolError {
 impl std::error::Error for PoolError {}
 
 impl Pool {
-    /// A new pool from its seed: initial = quantity, issued = 0. The seed is checked again
+    /// A new pool from its seed: stocked = quantity, issued = 0. The seed is checked again
     /// here (as for a snapshot), so a bad seed is an error, never a wrong pool.
     pub fn seed(seed: &PoolSeed) -> Result<Pool, PoolError> {
         let items = seed
@@ -103,18 +106,18 @@ impl Pool {
                 id: item.id.clone(),
                 quantity: item.stock.quantity(),
                 weight: item.weight,
-                initial: item.stock.quantity(),
+                stocked: item.stock.quantity(),
                 issued: 0,
             })
             .collect();
         Pool::from_items(&seed.id, seed.mode, items)
     }
 
-    /// Rebuild from persisted items (snapshot). Checks invariants (initial == quantity + issued for limited items, by_quantity has no unlimited item, weights present in by_weight) -> PoolError::Invalid on violation.
+    /// Rebuild from persisted items (snapshot). Checks invariants (stocked == quantity + issued for limited items, by_quantity has no unlimited item, weights present in by_weight) -> PoolError::Invalid on violation.
     ///
     /// Also rejected: a weight in a by_quantity pool, a weight of 0, bounds
     /// above [`QUANTITY_MAX`], [`WEIGHT_MAX`], [`POOL_ITEMS_MAX`], an unlimited
-    /// item with an `initial`, and duplicate item ids.
+    /// item with a `stocked`, and duplicate item ids.
     pub fn from_items(id: &str, mode: Mode, items: Vec<Item>) -> Result<Pool, PoolError> {
         let invalid = |reason: String| Err(PoolError::Invalid(format!("pool {id:?}: {reason}")));
         if items.len() > POOL_ITEMS_MAX {
@@ -137,19 +140,19 @@ impl Pool {
             };
             weights.push(weight);
         }
-        let (mut units_initial, mut units_left, mut units_issued) = (0u64, 0u64, 0u64);
+        let (mut units_stocked, mut units_left, mut units_issued) = (0u64, 0u64, 0u64);
         for item in &items {
-            if let (Some(initial), Some(quantity)) = (item.initial, item.quantity) {
-                // Each initial <= QUANTITY_MAX and at most POOL_ITEMS_MAX items: checked sums.
+            if let (Some(stocked), Some(quantity)) = (item.stocked, item.quantity) {
+                // Each stocked <= QUANTITY_MAX and at most POOL_ITEMS_MAX items: checked sums.
                 let sums = (
-                    units_initial.checked_add(initial),
+                    units_stocked.checked_add(stocked),
                     units_left.checked_add(quantity),
                     units_issued.checked_add(item.issued),
                 );
                 let (Some(a), Some(b), Some(c)) = sums else {
                     return invalid("sum of the stock overflows u64".to_string());
                 };
-                (units_initial, units_left, units_issued) = (a, b, c);
+                (units_stocked, units_left, units_issued) = (a, b, c);
             }
         }
         let pool = Pool {
@@ -157,7 +160,7 @@ impl Pool {
             mode,
             items,
             tree: Fenwick::from_weights(&weights),
-            units_initial,
+            units_stocked,
             units_left,
             units_issued,
         };
@@ -299,19 +302,197 @@ impl Pool {
         // item it is derived from.
         debug_assert_eq!(self.tree.weight(index), weight_after);
         debug_assert_eq!(weight_after, draw_weight(self.mode, &self.items[index]));
-        debug_assert!(self.items[index].initial.is_none_or(|initial| {
+        debug_assert!(self.items[index].stocked.is_none_or(|initial| {
             initial == self.items[index].quantity.unwrap_or(0) + self.items[index].issued
         }));
         true
+    }
+
+    /// Admin `restock`: `add` more units of the limited item `index`; its `stocked` moves with
+    /// its quantity. The caller has checked the command ([`Pool::check_restock`]); a violation
+    /// here is a broken invariant.
+    pub fn restock(&mut self, index: u32, add: u64) -> Result<(), PoolError> {
+        let quantity = self.check_restock(index, add)?;
+        self.set_limited(index as usize, quantity)
+    }
+
+    /// The quantity after a restock, or why it cannot be applied.
+    pub fn check_restock(&self, index: u32, add: u64) -> Result<u64, PoolError> {
+        let item = self.limited(index)?;
+        let quantity = item.quantity.expect("limited");
+        let stocked = item.stocked.expect("limited");
+        match (quantity.checked_add(add), stocked.checked_add(add)) {
+            (Some(q), Some(s)) if s <= QUANTITY_MAX => Ok(q),
+            _ => Err(PoolError::Invalid(format!(
+                "item {:?}: stocked {stocked} + {add} would exceed {QUANTITY_MAX} (2^40)",
+                item.id
+            ))),
+        }
+    }
+
+    /// Admin `set_quantity`: the limited item `index` has exactly `quantity` left; `stocked`
+    /// becomes `quantity + issued` (so `stocked` moves by the change).
+    pub fn set_quantity(&mut self, index: u32, quantity: u64) -> Result<(), PoolError> {
+        self.check_set_quantity(index, quantity)?;
+        self.set_limited(index as usize, quantity)
+    }
+
+    pub fn check_set_quantity(&self, index: u32, quantity: u64) -> Result<(), PoolError> {
+        let item = self.limited(index)?;
+        match quantity.checked_add(item.issued) {
+            Some(stocked) if stocked <= QUANTITY_MAX => Ok(()),
+            _ => Err(PoolError::Invalid(format!(
+                "item {:?}: quantity {quantity} + issued {} would exceed {QUANTITY_MAX} (2^40)",
+                item.id, item.issued
+            ))),
+        }
+    }
+
+    /// Admin `set_weight` (by_weight pools only).
+    pub fn set_weight(&mut self, index: u32, weight: u64) -> Result<(), PoolError> {
+        self.check_set_weight(index, weight)?;
+        let position = index as usize;
+        let before = draw_weight(self.mode, &self.items[position]);
+        let mut probe = self.items[position].clone();
+        probe.weight = Some(weight);
+        self.check_tree_room(before, draw_weight(self.mode, &probe))?;
+        self.items[position].weight = Some(weight);
+        self.move_tree(position, before);
+        Ok(())
+    }
+
+    pub fn check_set_weight(&self, index: u32, weight: u64) -> Result<(), PoolError> {
+        let item = self.item(index)?;
+        if self.mode != Mode::ByWeight {
+            return Err(PoolError::Invalid(format!(
+                "pool {:?} is by_quantity: its items have no weight",
+                self.id
+            )));
+        }
+        if weight == 0 || weight > WEIGHT_MAX {
+            return Err(PoolError::Invalid(format!(
+                "item {:?}: weight must be between 1 and {WEIGHT_MAX} (2^32), got {weight}",
+                item.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Admin `add_item`: a new item, last in the pool (its index is the old length). The tree
+    /// is rebuilt (O(n)): commands are rare, draws are not slowed.
+    pub fn add_item(&mut self, item: &crate::seed::SeedItem) -> Result<u32, PoolError> {
+        self.check_add_item(item)?;
+        let mut items = std::mem::take(&mut self.items);
+        items.push(Item {
+            id: item.id.clone(),
+            quantity: item.stock.quantity(),
+            weight: item.weight,
+            stocked: item.stock.quantity(),
+            issued: 0,
+        });
+        let index = items.len() as u32 - 1;
+        *self = Pool::from_items(&self.id, self.mode, items)?;
+        Ok(index)
+    }
+
+    pub fn check_add_item(&self, item: &crate::seed::SeedItem) -> Result<(), PoolError> {
+        crate::seed::check_item(self.mode, item)
+            .map_err(|e| PoolError::Invalid(format!("item {:?}: {e}", item.id)))?;
+        if self.items.len() >= POOL_ITEMS_MAX {
+            return Err(PoolError::Invalid(format!(
+                "pool {:?} already has {POOL_ITEMS_MAX} items",
+                self.id
+            )));
+        }
+        if self.items.iter().any(|i| i.id == item.id) {
+            return Err(PoolError::Invalid(format!(
+                "pool {:?} already has an item {:?}",
+                self.id, item.id
+            )));
+        }
+        Ok(())
+    }
+
+    fn item(&self, index: u32) -> Result<&Item, PoolError> {
+        self.items
+            .get(index as usize)
+            .ok_or_else(|| PoolError::UnknownItem {
+                pool: self.id.clone(),
+                index,
+            })
+    }
+
+    fn limited(&self, index: u32) -> Result<&Item, PoolError> {
+        let item = self.item(index)?;
+        if item.quantity.is_none() {
+            return Err(PoolError::Invalid(format!(
+                "item {:?} is unlimited: it has no quantity to change",
+                item.id
+            )));
+        }
+        Ok(item)
+    }
+
+    /// Sets a limited item's quantity, `stocked = quantity + issued`, the unit totals and the
+    /// tree; asserts the item's accounting and the pool's conservation (release builds too:
+    /// commands are rare).
+    fn set_limited(&mut self, position: usize, quantity: u64) -> Result<(), PoolError> {
+        let before = draw_weight(self.mode, &self.items[position]);
+        let item = &self.items[position];
+        let (old_quantity, old_initial) = (
+            item.quantity.expect("limited"),
+            item.stocked.expect("limited"),
+        );
+        let initial = quantity
+            .checked_add(item.issued)
+            .filter(|s| *s <= QUANTITY_MAX)
+            .ok_or_else(|| PoolError::Invalid(format!("item {:?}: stocked above 2^40", item.id)))?;
+        let mut probe = item.clone();
+        probe.quantity = Some(quantity);
+        self.check_tree_room(before, draw_weight(self.mode, &probe))?;
+        let item = &mut self.items[position];
+        item.quantity = Some(quantity);
+        item.stocked = Some(initial);
+        assert_eq!(
+            item.stocked,
+            Some(quantity + item.issued),
+            "stocked = quantity + issued"
+        );
+        self.units_left = self.units_left - old_quantity + quantity;
+        self.units_stocked = self.units_stocked - old_initial + initial;
+        self.move_tree(position, before);
+        self.assert_conserved();
+        Ok(())
+    }
+
+    /// The tree's total stays within u64 when one weight goes from `before` to `after`.
+    fn check_tree_room(&self, before: u64, after: u64) -> Result<(), PoolError> {
+        match (self.tree.total() - before).checked_add(after) {
+            Some(_) => Ok(()),
+            None => Err(PoolError::Invalid(format!(
+                "pool {:?}: sum of weights would overflow u64",
+                self.id
+            ))),
+        }
+    }
+
+    /// Moves the tree by the change of item `position`'s draw weight from `before`.
+    fn move_tree(&mut self, position: usize, before: u64) {
+        let after = draw_weight(self.mode, &self.items[position]);
+        // Weights are <= 2^40 (quantities) or 2^32 (weights): the difference fits i64.
+        self.tree.add(position, after as i64 - before as i64);
+        assert_eq!(self.tree.weight(position), after, "tree follows the item");
+        #[cfg(debug_assertions)]
+        self.check_invariants();
     }
 
     /// Conservation over the pool's limited items: every unit put in is left or issued.
     /// O(1): the engine asserts it after every batch, in release builds too.
     pub fn assert_conserved(&self) {
         assert_eq!(
-            self.units_initial,
+            self.units_stocked,
             self.units_left + self.units_issued,
-            "pool {}: conservation broken (initial = left + issued)",
+            "pool {}: conservation broken (stocked = left + issued)",
             self.id
         );
     }
@@ -386,20 +567,20 @@ fn check_item(mode: Mode, item: &Item) -> Result<(), String> {
             Some(_) => {}
         },
     }
-    match (item.quantity, item.initial) {
+    match (item.quantity, item.stocked) {
         (Some(quantity), Some(initial)) => {
             if initial > QUANTITY_MAX {
-                return Err(format!("initial {initial} > {QUANTITY_MAX}"));
+                return Err(format!("stocked {initial} > {QUANTITY_MAX}"));
             }
             if quantity.checked_add(item.issued) != Some(initial) {
                 return Err(format!(
-                    "initial {initial} != quantity {quantity} + issued {}",
+                    "stocked {initial} != quantity {quantity} + issued {}",
                     item.issued
                 ));
             }
         }
-        (Some(_), None) => return Err("limited item without initial".to_string()),
-        (None, Some(_)) => return Err("unlimited item with an initial".to_string()),
+        (Some(_), None) => return Err("limited item without stocked".to_string()),
+        (None, Some(_)) => return Err("unlimited item with a stocked".to_string()),
         (None, None) => {}
     }
     Ok(())
@@ -445,7 +626,7 @@ mod tests {
             id: id.to_string(),
             quantity,
             weight,
-            initial: quantity.map(|q| q + issued),
+            stocked: quantity.map(|q| q + issued),
             issued,
         }
     }
@@ -457,7 +638,7 @@ mod tests {
         assert_eq!(pool.mode(), Mode::ByQuantity);
         assert_eq!(pool.in_stock_weight(), 8);
         for item in pool.items() {
-            assert_eq!(item.initial, item.quantity);
+            assert_eq!(item.stocked, item.quantity);
             assert_eq!(item.issued, 0);
         }
     }
@@ -641,7 +822,7 @@ mod tests {
         };
         // initial != quantity + issued
         let mut bad = item("a", Some(3), None, 1);
-        bad.initial = Some(5);
+        bad.stocked = Some(5);
         assert!(invalid(Mode::ByQuantity, vec![bad]));
         let mut bad = item("a", Some(3), Some(2), 0);
         bad.issued = 1;
@@ -658,10 +839,10 @@ mod tests {
         ));
         // limited without initial, unlimited with initial
         let mut bad = item("a", Some(1), Some(1), 0);
-        bad.initial = None;
+        bad.stocked = None;
         assert!(invalid(Mode::ByWeight, vec![bad]));
         let mut bad = item("a", None, Some(1), 0);
-        bad.initial = Some(1);
+        bad.stocked = Some(1);
         assert!(invalid(Mode::ByWeight, vec![bad]));
         // bounds and duplicates
         assert!(invalid(
@@ -817,7 +998,7 @@ mod tests {
                         prop_assert_eq!(q_old - q, item.issued - old.issued);
                     }
                     prop_assert_eq!(item.quantity.is_none(), old.quantity.is_none());
-                    if let Some(initial) = item.initial {
+                    if let Some(initial) = item.stocked {
                         prop_assert_eq!(initial, item.quantity.unwrap() + item.issued);
                     }
                 }

@@ -8,7 +8,11 @@
 //!   so ingest never waits for an fsync to give an ID, and so an ID handed out before a crash
 //!   is never handed out again after it.
 //! * `Draw` — one drawn request: everything replay needs and everything a republished result
-//!   needs (request ID, `message_id`, pool, user, count, items).
+//!   needs (request ID, `message_id`, pool, user, count, items). A draw on a closed pool has no
+//!   items; its `closed` status is not stored: replay knows the pool was closed at that point.
+//! * `Admin` — one applied admin command (kind 4, an op sub-tag inside): its request ID,
+//!   `message_id` and the change by pool and item index (`add_item`/`add_pool` carry the new
+//!   item or the whole pool). Only applied commands are records; a rejected one changes nothing.
 //! * `Epoch` (kind 5) — a new draw epoch: its number, its 256-bit secret and sha256(secret);
 //!   written before the first draw derived from it (src/epoch.rs).
 //!
@@ -27,7 +31,16 @@ const FRAME_HEADER_BYTES: usize = 8;
 const KIND_SEED: u8 = 1;
 const KIND_RESERVE: u8 = 2;
 const KIND_DRAW: u8 = 3;
+const KIND_ADMIN: u8 = 4;
 const KIND_EPOCH: u8 = 5;
+
+const OP_RESTOCK: u8 = 1;
+const OP_SET_QUANTITY: u8 = 2;
+const OP_SET_WEIGHT: u8 = 3;
+const OP_ADD_ITEM: u8 = 4;
+const OP_ADD_POOL: u8 = 5;
+const OP_CLOSE_POOL: u8 = 6;
+const OP_OPEN_POOL: u8 = 7;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -35,6 +48,7 @@ pub enum Record {
     Reserve { ids_up_to: u64 },
     Draw(DrawRecord),
     Epoch(EpochRecord),
+    Admin(AdminRecord),
 }
 
 /// A draw epoch begins: every draw after it, up to the next one, derives from `secret`.
@@ -53,6 +67,77 @@ impl std::fmt::Debug for EpochRecord {
             .field("number", &self.number)
             .field("commitment", &crate::epoch::to_hex(&self.commitment))
             .finish_non_exhaustive()
+    }
+}
+
+/// One applied admin command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminRecord {
+    pub request_id: u64,
+    pub message_id: Option<String>,
+    pub op: AdminOp,
+}
+
+/// An admin command's change, by index (checked against the state before it is a record).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AdminOp {
+    Restock {
+        pool_index: u32,
+        item_index: u32,
+        add: u64,
+    },
+    SetQuantity {
+        pool_index: u32,
+        item_index: u32,
+        quantity: u64,
+    },
+    SetWeight {
+        pool_index: u32,
+        item_index: u32,
+        weight: u64,
+    },
+    /// The item's index is the pool's item count before it.
+    AddItem {
+        pool_index: u32,
+        item: SeedItem,
+    },
+    /// The pool's index is the state's pool count before it.
+    AddPool {
+        pool_index: u32,
+        pool: PoolSeed,
+    },
+    ClosePool {
+        pool_index: u32,
+    },
+    OpenPool {
+        pool_index: u32,
+    },
+}
+
+impl AdminOp {
+    /// The contract's name of the op.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminOp::Restock { .. } => "restock",
+            AdminOp::SetQuantity { .. } => "set_quantity",
+            AdminOp::SetWeight { .. } => "set_weight",
+            AdminOp::AddItem { .. } => "add_item",
+            AdminOp::AddPool { .. } => "add_pool",
+            AdminOp::ClosePool { .. } => "close_pool",
+            AdminOp::OpenPool { .. } => "open_pool",
+        }
+    }
+
+    pub fn pool_index(&self) -> u32 {
+        match self {
+            AdminOp::Restock { pool_index, .. }
+            | AdminOp::SetQuantity { pool_index, .. }
+            | AdminOp::SetWeight { pool_index, .. }
+            | AdminOp::AddItem { pool_index, .. }
+            | AdminOp::AddPool { pool_index, .. }
+            | AdminOp::ClosePool { pool_index }
+            | AdminOp::OpenPool { pool_index } => *pool_index,
+        }
     }
 }
 
@@ -155,6 +240,7 @@ pub fn encode_draw(out: &mut Vec<u8>, draw: &DrawRef<'_>) {
 pub fn encode(out: &mut Vec<u8>, record: &Record) {
     match record {
         Record::Draw(draw) => encode_draw(out, &draw.as_ref()),
+        Record::Admin(admin) => encode_admin(out, admin),
         Record::Reserve { ids_up_to } => {
             let start = begin_frame(out);
             out.push(KIND_RESERVE);
@@ -170,29 +256,89 @@ pub fn encode(out: &mut Vec<u8>, record: &Record) {
             end_frame(out, start);
         }
         Record::Seed { pool_index, pool } => {
-            let PoolSeed {
-                id: pool_id,
-                mode,
-                items,
-            } = pool;
-            assert!(pool_id.len() <= NAME_BYTES_MAX);
             let start = begin_frame(out);
             out.push(KIND_SEED);
             out.extend_from_slice(&pool_index.to_le_bytes());
-            put_name(out, pool_id);
-            out.push(match mode {
-                Mode::ByQuantity => 0,
-                Mode::ByWeight => 1,
-            });
-            out.extend_from_slice(&(items.len() as u32).to_le_bytes());
-            for item in items {
-                put_name(out, &item.id);
-                put_opt_u64(out, item.stock.quantity());
-                put_opt_u64(out, item.weight);
-            }
+            put_pool(out, pool);
             end_frame(out, start);
         }
     }
+}
+
+fn put_pool(out: &mut Vec<u8>, pool: &PoolSeed) {
+    let PoolSeed {
+        id: pool_id,
+        mode,
+        items,
+    } = pool;
+    assert!(pool_id.len() <= NAME_BYTES_MAX);
+    put_name(out, pool_id);
+    out.push(match mode {
+        Mode::ByQuantity => 0,
+        Mode::ByWeight => 1,
+    });
+    out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+    for item in items {
+        put_item(out, item);
+    }
+}
+
+fn put_item(out: &mut Vec<u8>, item: &SeedItem) {
+    put_name(out, &item.id);
+    put_opt_u64(out, item.stock.quantity());
+    put_opt_u64(out, item.weight);
+}
+
+/// Appends the framed encoding of an applied admin command.
+pub fn encode_admin(out: &mut Vec<u8>, admin: &AdminRecord) {
+    assert!(admin.request_id > 0);
+    assert!(
+        admin
+            .message_id
+            .as_ref()
+            .is_none_or(|m| m.len() <= MESSAGE_ID_BYTES_MAX)
+    );
+    let start = begin_frame(out);
+    out.push(KIND_ADMIN);
+    out.extend_from_slice(&admin.request_id.to_le_bytes());
+    match &admin.message_id {
+        None => out.push(0),
+        Some(m) => {
+            out.push(1);
+            out.push(m.len() as u8);
+            out.extend_from_slice(m.as_bytes());
+        }
+    }
+    let pool_index = admin.op.pool_index();
+    let (tag, a, b) = match &admin.op {
+        AdminOp::Restock {
+            item_index, add, ..
+        } => (OP_RESTOCK, *item_index, *add),
+        AdminOp::SetQuantity {
+            item_index,
+            quantity,
+            ..
+        } => (OP_SET_QUANTITY, *item_index, *quantity),
+        AdminOp::SetWeight {
+            item_index, weight, ..
+        } => (OP_SET_WEIGHT, *item_index, *weight),
+        AdminOp::AddItem { .. } => (OP_ADD_ITEM, 0, 0),
+        AdminOp::AddPool { .. } => (OP_ADD_POOL, 0, 0),
+        AdminOp::ClosePool { .. } => (OP_CLOSE_POOL, 0, 0),
+        AdminOp::OpenPool { .. } => (OP_OPEN_POOL, 0, 0),
+    };
+    out.push(tag);
+    out.extend_from_slice(&pool_index.to_le_bytes());
+    match &admin.op {
+        AdminOp::Restock { .. } | AdminOp::SetQuantity { .. } | AdminOp::SetWeight { .. } => {
+            out.extend_from_slice(&a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        AdminOp::AddItem { item, .. } => put_item(out, item),
+        AdminOp::AddPool { pool, .. } => put_pool(out, pool),
+        AdminOp::ClosePool { .. } | AdminOp::OpenPool { .. } => {}
+    }
+    end_frame(out, start);
 }
 
 fn begin_frame(out: &mut Vec<u8>) -> usize {
@@ -305,38 +451,63 @@ pub fn decode(bytes: &[u8]) -> Result<(Record, usize), DecodeError> {
         }
         KIND_SEED => {
             let pool_index = r.u32()?;
-            let n = r.u8()? as usize;
-            let pool_id = r.string(n, "pool id")?;
-            let mode = match r.u8()? {
-                0 => Mode::ByQuantity,
-                1 => Mode::ByWeight,
-                _ => return Err(DecodeError::Field("mode")),
+            let pool = r.pool()?;
+            Record::Seed { pool_index, pool }
+        }
+        KIND_ADMIN => {
+            let request_id = r.u64()?;
+            if request_id == 0 {
+                return Err(DecodeError::Field("request_id"));
+            }
+            let message_id = match r.u8()? {
+                0 => None,
+                1 => {
+                    let n = r.u8()? as usize;
+                    Some(r.string(n, "message_id")?)
+                }
+                _ => return Err(DecodeError::Field("message_id flag")),
             };
-            let count = r.u32()? as usize;
-            // Each item takes at least 3 bytes: bound the allocation by what is there.
-            if count > r.bytes.len() / 3 {
-                return Err(DecodeError::Field("seed item count"));
-            }
-            let mut items = Vec::with_capacity(count);
-            for _ in 0..count {
-                let n = r.u8()? as usize;
-                let id = r.string(n, "item id")?;
-                let quantity = r.opt_u64()?;
-                let weight = r.opt_u64()?;
-                items.push(SeedItem {
-                    id,
-                    stock: Stock::from_quantity(quantity),
-                    weight,
-                });
-            }
-            Record::Seed {
-                pool_index,
-                pool: PoolSeed {
-                    id: pool_id,
-                    mode,
-                    items,
+            let tag = r.u8()?;
+            let pool_index = r.u32()?;
+            let op = match tag {
+                OP_RESTOCK | OP_SET_QUANTITY | OP_SET_WEIGHT => {
+                    let item_index = r.u32()?;
+                    let value = r.u64()?;
+                    match tag {
+                        OP_RESTOCK => AdminOp::Restock {
+                            pool_index,
+                            item_index,
+                            add: value,
+                        },
+                        OP_SET_QUANTITY => AdminOp::SetQuantity {
+                            pool_index,
+                            item_index,
+                            quantity: value,
+                        },
+                        _ => AdminOp::SetWeight {
+                            pool_index,
+                            item_index,
+                            weight: value,
+                        },
+                    }
+                }
+                OP_ADD_ITEM => AdminOp::AddItem {
+                    pool_index,
+                    item: r.item()?,
                 },
-            }
+                OP_ADD_POOL => AdminOp::AddPool {
+                    pool_index,
+                    pool: r.pool()?,
+                },
+                OP_CLOSE_POOL => AdminOp::ClosePool { pool_index },
+                OP_OPEN_POOL => AdminOp::OpenPool { pool_index },
+                _ => return Err(DecodeError::Field("admin op")),
+            };
+            Record::Admin(AdminRecord {
+                request_id,
+                message_id,
+                op,
+            })
         }
         kind => return Err(DecodeError::UnknownKind(kind)),
     };
@@ -380,6 +551,36 @@ impl<'a> Reader<'a> {
             1 => Ok(Some(self.u64()?)),
             _ => Err(DecodeError::Field("option flag")),
         }
+    }
+    fn item(&mut self) -> Result<SeedItem, DecodeError> {
+        let n = self.u8()? as usize;
+        let id = self.string(n, "item id")?;
+        let quantity = self.opt_u64()?;
+        let weight = self.opt_u64()?;
+        Ok(SeedItem {
+            id,
+            stock: Stock::from_quantity(quantity),
+            weight,
+        })
+    }
+    fn pool(&mut self) -> Result<PoolSeed, DecodeError> {
+        let n = self.u8()? as usize;
+        let id = self.string(n, "pool id")?;
+        let mode = match self.u8()? {
+            0 => Mode::ByQuantity,
+            1 => Mode::ByWeight,
+            _ => return Err(DecodeError::Field("mode")),
+        };
+        let count = self.u32()? as usize;
+        // Each item takes at least 3 bytes: bound the allocation by what is there.
+        if count > self.bytes.len() / 3 {
+            return Err(DecodeError::Field("seed item count"));
+        }
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(self.item()?);
+        }
+        Ok(PoolSeed { id, mode, items })
     }
     fn string(&mut self, n: usize, what: &'static str) -> Result<String, DecodeError> {
         let bytes = self.take(n)?;
@@ -471,6 +672,91 @@ mod tests {
             at += used;
         }
         assert_eq!(at, buf.len());
+    }
+
+    fn admin_records() -> Vec<Record> {
+        let seed = PoolSeed::from_parts(
+            "xmas",
+            Mode::ByWeight,
+            &[
+                ("tree".into(), Some(3), Some(2)),
+                ("card".into(), None, Some(9)),
+            ],
+        );
+        let ops = vec![
+            AdminOp::Restock {
+                pool_index: 1,
+                item_index: 2,
+                add: 1 << 40,
+            },
+            AdminOp::SetQuantity {
+                pool_index: 0,
+                item_index: 0,
+                quantity: 0,
+            },
+            AdminOp::SetWeight {
+                pool_index: 7,
+                item_index: 3,
+                weight: 1 << 32,
+            },
+            AdminOp::AddItem {
+                pool_index: 2,
+                item: seed.items[1].clone(),
+            },
+            AdminOp::AddPool {
+                pool_index: 4,
+                pool: seed,
+            },
+            AdminOp::ClosePool { pool_index: 9 },
+            AdminOp::OpenPool { pool_index: 9 },
+        ];
+        ops.into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                Record::Admin(AdminRecord {
+                    request_id: 100 + i as u64,
+                    message_id: (i % 2 == 0).then(|| format!("cmd-{i}")),
+                    op,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn admin_records_roundtrip_and_detect_damage() {
+        for record in admin_records() {
+            let mut buf = Vec::new();
+            encode(&mut buf, &record);
+            let (back, used) = decode(&buf).unwrap();
+            assert_eq!(used, buf.len());
+            assert_eq!(back, record);
+            for cut in 0..buf.len() {
+                assert!(decode(&buf[..cut]).is_err(), "{record:?} cut at {cut}");
+            }
+            for bit in 0..buf.len() * 8 {
+                let mut bad = buf.clone();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                assert!(decode(&bad).is_err(), "{record:?} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_admin_op_is_a_field_error() {
+        let mut buf = Vec::new();
+        encode(
+            &mut buf,
+            &Record::Admin(AdminRecord {
+                request_id: 1,
+                message_id: None,
+                op: AdminOp::ClosePool { pool_index: 0 },
+            }),
+        );
+        // kind, request_id (8), message_id flag: the op tag is at body offset 10.
+        buf[8 + 10] = 99;
+        let crc = crc32c::crc32c(&buf[8..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode(&buf), Err(DecodeError::Field("admin op")));
     }
 
     #[test]

@@ -211,36 +211,58 @@ pub fn seed_in_memory(state: &mut State, config: &Config) -> Result<Vec<Record>,
     Ok(seeds)
 }
 
-/// Differences between the config and a pool that already has durable state.
+/// Differences between the config and a pool that already has durable state, one line each
+/// naming the pool, the item, the field, the config's value and the durable value. A config
+/// item's `quantity` is the stock it puts in, so it is compared with the durable `stocked`
+/// (draws do not make drift; admin changes do). The durable state wins.
 pub fn config_differences(state: &State, pool: &PoolSeed) -> Vec<String> {
     let Some(index) = state.pool_index(&pool.id) else {
         return vec![];
     };
+    let units = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |q| q.to_string());
+    let weight = |v: Option<u64>| v.map_or_else(|| "none".to_string(), |w| w.to_string());
     let mut out = vec![];
-    if state.mode(index) != pool.mode {
+    let mode = state.mode(index);
+    if mode != pool.mode {
         out.push(format!(
-            "mode {:?} in config, {:?} in state",
-            pool.mode,
-            state.mode(index)
+            "pool {:?} field mode: config {}, durable {}",
+            pool.id,
+            pool.mode.as_str(),
+            mode.as_str()
+        ));
+    }
+    if state.pools[index as usize].closed {
+        out.push(format!(
+            "pool {:?} field closed: config false, durable true",
+            pool.id
         ));
     }
     let items = state.items(index);
     for item in &pool.items {
         match items.iter().find(|i| i.id == item.id) {
-            None => out.push(format!("item {:?} is not in the state", item.id)),
+            None => out.push(format!(
+                "pool {:?} item {:?} field item: config present, durable absent",
+                pool.id, item.id
+            )),
             Some(have) => {
-                if have.initial != item.stock.quantity() {
+                if have.stocked != item.stock.quantity() {
                     out.push(format!(
-                        "item {:?}: quantity {:?} in config, seeded with {:?}",
+                        "pool {:?} item {:?} field quantity: config {}, durable {} (stocked; {} left, {} issued)",
+                        pool.id,
                         item.id,
-                        item.stock.quantity(),
-                        have.initial
+                        units(item.stock.quantity()),
+                        units(have.stocked),
+                        units(have.quantity),
+                        have.issued
                     ));
                 }
                 if have.weight != item.weight {
                     out.push(format!(
-                        "item {:?}: weight {:?} in config, {:?} in state",
-                        item.id, item.weight, have.weight
+                        "pool {:?} item {:?} field weight: config {}, durable {}",
+                        pool.id,
+                        item.id,
+                        weight(item.weight),
+                        weight(have.weight)
                     ));
                 }
             }
@@ -249,8 +271,27 @@ pub fn config_differences(state: &State, pool: &PoolSeed) -> Vec<String> {
     for have in items {
         if !pool.items.iter().any(|i| i.id == have.id) {
             out.push(format!(
-                "item {:?} is in the state but not in the config",
-                have.id
+                "pool {:?} item {:?} field item: config absent, durable present",
+                pool.id, have.id
+            ));
+        }
+    }
+    out
+}
+
+/// Every difference between the config and the durable state ([`config_differences`] for
+/// each config pool, then one line for each durable pool the config does not name).
+pub fn config_drift(state: &State, config: &Config) -> Vec<String> {
+    let mut out: Vec<String> = config
+        .pools
+        .iter()
+        .flat_map(|pool| config_differences(state, pool))
+        .collect();
+    for slot in &state.pools {
+        if config.pool(&slot.id).is_none() {
+            out.push(format!(
+                "pool {:?} field pool: config absent, durable present",
+                &*slot.id
             ));
         }
     }

@@ -3,8 +3,8 @@
 //! File `snapshot-<seq, 20 digits>.json` = one header line, then the body:
 //!
 //! ```text
-//! {"format":"rewardpool-snapshot","version":1,"seq":N,"body_bytes":L,"body_crc32c":C}
-//! {"seq":N,"reserved_ids":..,"last_drawn_id":..,"pools":[..],"window":[..]}
+//! {"format":"rewardpool-snapshot","version":2,"seq":N,"body_bytes":L,"body_crc32c":C}
+//! {"seq":N,"reserved_ids":..,"last_drawn_id":..,"pools":[..],"window":[..],"admin_window":[..],"epoch":{..}}
 //! ```
 //!
 //! `seq` is the last WAL batch the snapshot covers. Write: temp file, fsync, rename, fsync the
@@ -26,7 +26,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const FORMAT: &str = "rewardpool-snapshot";
-const VERSION: u32 = 1;
+/// Version 2 added closed pools (`closed`), closed draws in the window (`closed`) and the
+/// applied admin commands' window (`admin_window`, entries with `admin`: op and first reply);
+/// version 1 files (no admin commands yet) still load.
+const VERSION: u32 = 2;
+const VERSIONS_READ: [u32; 2] = [1, 2];
 /// How many snapshots are kept. WAL segments are deleted only below the oldest kept one, so a
 /// corrupt newest snapshot falls back to the older one with the WAL still there to replay.
 pub const SNAPSHOTS_KEPT: usize = 2;
@@ -38,6 +42,7 @@ pub struct Image {
     pub last_drawn_id: u64,
     pools: Vec<PoolImage>,
     window: Vec<(MessageKey, Arc<Outcome>)>,
+    admin_window: Vec<(MessageKey, Arc<Outcome>)>,
     /// The current draw epoch, so `audit` can start from this snapshot (src/epoch.rs).
     epoch: Option<EpochState>,
 }
@@ -47,6 +52,7 @@ struct PoolImage {
     mode: Mode,
     names: Arc<[Arc<str>]>,
     statics: Arc<[(Option<u64>, Option<u64>)]>,
+    closed: bool,
     /// (quantity, issued): the only per-item values a draw changes.
     counts: Vec<(Option<u64>, u64)>,
 }
@@ -65,6 +71,7 @@ impl Image {
                     mode: slot.pool.mode(),
                     names: slot.names.clone(),
                     statics: slot.statics.clone(),
+                    closed: slot.closed,
                     counts: slot
                         .pool
                         .items()
@@ -74,6 +81,11 @@ impl Image {
                 })
                 .collect(),
             window: state.window.iter().map(|(k, v)| (k, v.clone())).collect(),
+            admin_window: state
+                .admin_window
+                .iter()
+                .map(|(k, v)| (k, v.clone()))
+                .collect(),
             epoch: state.epoch.clone(),
         }
     }
@@ -95,6 +107,7 @@ struct BodyOut<'a> {
     last_drawn_id: u64,
     pools: Vec<PoolOut<'a>>,
     window: Vec<EntryOut<'a>>,
+    admin_window: Vec<EntryOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     epoch: Option<EpochJson>,
 }
@@ -113,6 +126,7 @@ struct EpochJson {
 struct PoolOut<'a> {
     id: &'a str,
     mode: Mode,
+    closed: bool,
     items: Vec<ItemOut<'a>>,
 }
 
@@ -122,7 +136,7 @@ struct ItemOut<'a> {
     id: &'a str,
     quantity: Option<u64>,
     weight: Option<u64>,
-    initial: Option<u64>,
+    stocked: Option<u64>,
     issued: u64,
 }
 
@@ -134,6 +148,18 @@ struct EntryOut<'a> {
     user: &'a str,
     count: u32,
     items: Vec<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    closed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin: Option<AdminEntry>,
+}
+
+/// An applied admin command in the window: its op and first reply.
+#[derive(Serialize, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct AdminEntry {
+    op: String,
+    reply: String,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +171,8 @@ struct BodyIn {
     pools: Vec<PoolIn>,
     window: Vec<EntryIn>,
     #[serde(default)]
+    admin_window: Vec<EntryIn>,
+    #[serde(default)]
     epoch: Option<EpochJson>,
 }
 
@@ -153,6 +181,8 @@ struct BodyIn {
 struct PoolIn {
     id: String,
     mode: Mode,
+    #[serde(default)]
+    closed: bool,
     items: Vec<Item>,
 }
 
@@ -165,6 +195,10 @@ struct EntryIn {
     user: String,
     count: u32,
     items: Vec<String>,
+    #[serde(default)]
+    closed: bool,
+    #[serde(default)]
+    admin: Option<AdminEntry>,
 }
 
 pub fn file_name(seq: u64) -> String {
@@ -195,33 +229,35 @@ pub fn encode(image: &Image) -> Vec<u8> {
             .map(|p| PoolOut {
                 id: &p.id,
                 mode: p.mode,
+                closed: p.closed,
                 items: p
                     .names
                     .iter()
                     .zip(p.statics.iter())
                     .zip(p.counts.iter())
-                    .map(|((name, (weight, initial)), (quantity, issued))| ItemOut {
-                        id: name,
-                        quantity: *quantity,
-                        weight: *weight,
-                        initial: *initial,
-                        issued: *issued,
+                    .map(|((name, (weight, initial)), (quantity, issued))| {
+                        // The accounting, as written: stocked = quantity + issued.
+                        if let (Some(q), Some(stocked)) = (quantity, initial) {
+                            assert_eq!(
+                                q.checked_add(*issued),
+                                Some(*stocked),
+                                "snapshot of pool {} item {name}: stocked != quantity + issued",
+                                p.id
+                            );
+                        }
+                        ItemOut {
+                            id: name,
+                            quantity: *quantity,
+                            weight: *weight,
+                            stocked: *initial,
+                            issued: *issued,
+                        }
                     })
                     .collect(),
             })
             .collect(),
-        window: image
-            .window
-            .iter()
-            .map(|(k, o)| EntryOut {
-                key: key_to_hex(*k),
-                request_id: o.request_id,
-                pool: &o.pool,
-                user: &o.user,
-                count: o.count,
-                items: o.items.iter().map(|s| &**s).collect(),
-            })
-            .collect(),
+        window: image.window.iter().map(entry_out).collect(),
+        admin_window: image.admin_window.iter().map(entry_out).collect(),
         epoch: image.epoch.as_ref().map(|e| EpochJson {
             number: e.number,
             secret: to_hex(&e.secret),
@@ -242,6 +278,22 @@ pub fn encode(image: &Image) -> Vec<u8> {
     out.extend_from_slice(&body);
     out.push(b'\n');
     out
+}
+
+fn entry_out((key, o): &(MessageKey, Arc<Outcome>)) -> EntryOut<'_> {
+    EntryOut {
+        key: key_to_hex(*key),
+        request_id: o.request_id,
+        pool: &o.pool,
+        user: &o.user,
+        count: o.count,
+        items: o.items.iter().map(|s| &**s).collect(),
+        closed: o.closed,
+        admin: o.admin.as_ref().map(|a| AdminEntry {
+            op: a.op.clone(),
+            reply: a.reply.clone(),
+        }),
+    }
 }
 
 /// Writes the snapshot atomically and durably; returns its path.
@@ -286,7 +338,7 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
         .ok_or("no header line")?;
     let header: Header =
         serde_json::from_slice(&bytes[..nl]).map_err(|e| format!("header: {e}"))?;
-    if header.format != FORMAT || header.version != VERSION {
+    if header.format != FORMAT || !VERSIONS_READ.contains(&header.version) {
         return Err(format!(
             "unsupported format {:?} version {}",
             header.format, header.version
@@ -334,15 +386,38 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
         state.epoch = Some(epoch);
     }
     for p in body.pools {
+        // from_items checks every item's accounting: stocked = quantity + issued.
         let pool = Pool::from_items(&p.id, p.mode, p.items).map_err(|e| e.to_string())?;
-        state.add_pool(pool).map_err(|e| e.to_string())?;
+        let index = state.add_pool(pool).map_err(|e| e.to_string())?;
+        state.pools[index as usize].closed = p.closed;
     }
+    let window = entries(&state, body.window, dedupe_window, false)?;
+    let admin_window = entries(&state, body.admin_window, dedupe_window, true)?;
+    for (key, outcome) in window {
+        state.window.insert(key, outcome);
+    }
+    for (key, outcome) in admin_window {
+        state.admin_window.insert(key, outcome);
+    }
+    Ok(state)
+}
+
+/// A window's entries, checked: keys once, request IDs increasing and drawn, names known;
+/// `admin`: every entry is an applied command (no items), else none is.
+fn entries(
+    state: &State,
+    list: Vec<EntryIn>,
+    dedupe_window: usize,
+    admin: bool,
+) -> Result<Vec<(MessageKey, Arc<Outcome>)>, String> {
     // A smaller configured window keeps the newest entries.
-    let skip = body.window.len().saturating_sub(dedupe_window);
+    let skip = list.len().saturating_sub(dedupe_window);
     let mut last_id = 0;
+    let mut keys = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(list.len() - skip);
     let mut name_maps: Vec<Option<std::collections::HashMap<Arc<str>, Arc<str>>>> =
         vec![None; state.pools.len()];
-    for e in body.window.into_iter().skip(skip) {
+    for e in list.into_iter().skip(skip) {
         let key = key_from_hex(&e.key).ok_or("bad window key")?;
         let index = state
             .pool_index(&e.pool)
@@ -357,11 +432,21 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
                 .ok_or_else(|| format!("window entry names unknown item {name:?}"))?;
             items.push(found.clone());
         }
+        if (e.closed || e.admin.is_some()) && !items.is_empty() {
+            return Err("closed or admin window entry with items".into());
+        }
+        if e.admin.is_some() != admin {
+            return Err(if admin {
+                "admin window entry without its command".into()
+            } else {
+                "draw window entry with an admin command".into()
+            });
+        }
         if e.request_id <= last_id || e.request_id > state.last_drawn_id {
             return Err("window entries out of order".into());
         }
         last_id = e.request_id;
-        if state.window.contains(&key) {
+        if !keys.insert(key) {
             return Err("window key twice".into());
         }
         let outcome = Outcome {
@@ -370,10 +455,17 @@ pub fn decode(bytes: &[u8], dedupe_window: usize) -> Result<State, String> {
             user: Arc::from(e.user),
             count: e.count,
             items,
+            closed: e.closed,
+            admin: e.admin.map(|a| {
+                Arc::new(crate::admin::AdminApplied {
+                    op: a.op,
+                    reply: a.reply,
+                })
+            }),
         };
-        state.window.insert(key, Arc::new(outcome));
+        out.push((key, Arc::new(outcome)));
     }
-    Ok(state)
+    Ok(out)
 }
 
 /// Deletes snapshots beyond the newest `SNAPSHOTS_KEPT`, then the WAL segments whose batches
@@ -424,4 +516,54 @@ pub fn prune_in(
         }
     }
     fs.sync_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot file (header line + body) of `version` around `body`.
+    fn file(version: u32, body: &str) -> Vec<u8> {
+        let header = serde_json::json!({
+            "format": FORMAT,
+            "version": version,
+            "seq": 3,
+            "body_bytes": body.len(),
+            "body_crc32c": crc32c::crc32c(body.as_bytes()),
+        });
+        format!("{header}\n{body}\n").into_bytes()
+    }
+
+    #[test]
+    fn a_version_1_snapshot_loads_its_initial_as_stocked() {
+        let body = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","items":[{"id":"gold","quantity":9,"weight":null,"initial":10,"issued":1}]}],"window":[{"key":"2127ddaa7e87c1d2f991b2739b898616","request_id":2,"pool":"default","user":"u","count":1,"items":["gold"]}]}"#;
+        let state = decode(&file(1, body), 16).unwrap();
+        let gold = &state.items(0)[0];
+        assert_eq!(
+            (gold.quantity, gold.issued, gold.stocked),
+            (Some(9), 1, Some(10))
+        );
+        assert!(!state.pools[0].closed);
+        assert_eq!(state.window.len(), 1);
+        assert!(state.admin_window.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_whose_stock_does_not_add_up_or_whose_windows_are_mixed_is_refused() {
+        let bad_stock = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","closed":true,"items":[{"id":"gold","quantity":9,"weight":null,"stocked":11,"issued":1}]}],"window":[],"admin_window":[]}"#;
+        let err = decode(&file(2, bad_stock), 16).unwrap_err();
+        assert!(err.contains("stocked 11 != quantity 9 + issued 1"), "{err}");
+        let draw_in_admin_window = r#"{"seq":3,"reserved_ids":64,"last_drawn_id":2,"pools":[{"id":"default","mode":"by_quantity","items":[{"id":"gold","quantity":9,"weight":null,"stocked":10,"issued":1}]}],"window":[],"admin_window":[{"key":"2127ddaa7e87c1d2f991b2739b898616","request_id":2,"pool":"default","user":"u","count":1,"items":[]}]}"#;
+        let err = decode(&file(2, draw_in_admin_window), 16).unwrap_err();
+        assert!(
+            err.contains("admin window entry without its command"),
+            "{err}"
+        );
+        let ok = draw_in_admin_window.replace(
+            r#""items":[]}]"#,
+            r#""items":[],"admin":{"op":"restock","reply":"{}"}}]"#,
+        );
+        let state = decode(&file(2, &ok), 16).unwrap();
+        assert_eq!(state.admin_window.len(), 1);
+    }
 }

@@ -2,6 +2,9 @@
 //! directories written by the engine (the drill: both modes, count 1..=3, an unlimited item),
 //! with SIGKILLs and restarts between runs, and on tampered copies: a WAL record re-framed
 //! with valid checksums but a wrong item, an epoch record removed, a changed item in a bundle.
+//! And a log with every admin command (restocks with draws after them, a closed pool, items
+//! and a pool added, a restart): audit and verify.py verify it; a re-framed command that does
+//! not apply, items drawn from a closed pool and a changed command in a bundle are caught.
 
 use common::*;
 use rewardpool::record::{self, Record};
@@ -371,4 +374,260 @@ fn audit_of_a_pruned_directory_starts_at_the_oldest_snapshot_and_wal_retain_byte
     assert!(out.status.success());
     assert_eq!(u(&summary, "verified_draws"), 0);
     assert!(!empty.exists());
+}
+
+/// Every op, draws between them (a closed pool among them), a restart, more draws.
+fn admin_history() -> (tempfile::TempDir, PathBuf, PathBuf, usize) {
+    use rewardpool::admin::AdminCommand as C;
+    use rewardpool::seed::{Mode, PoolSeed};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config_path = write_config(tmp.path(), &data, "seed_epoch_records = 20");
+    let config = load_config(&config_path);
+    let mut n = 0;
+    let mut draws = |pool: u32, k: usize| -> Vec<Step> {
+        (0..k)
+            .map(|_| {
+                n += 1;
+                Step::Draw {
+                    pool_index: pool,
+                    count: 1 + (n % 3) as u32,
+                    message_id: Some(format!("m-{n}")),
+                }
+            })
+            .collect()
+    };
+    let admin = |tag: &str, command: C| Step::Admin {
+        message_id: Some(tag.to_string()),
+        command,
+    };
+    let mut steps = draws(0, 15);
+    steps.extend(draws(1, 15));
+    steps.push(admin(
+        "restock",
+        C::Restock {
+            pool: "default".into(),
+            item: "gold".into(),
+            add: 25,
+        },
+    ));
+    steps.extend(draws(0, 15));
+    steps.push(admin(
+        "set-quantity",
+        C::SetQuantity {
+            pool: "default".into(),
+            item: "silver".into(),
+            quantity: 3,
+        },
+    ));
+    steps.push(admin(
+        "set-weight",
+        C::SetWeight {
+            pool: "spin".into(),
+            item: "car".into(),
+            weight: 400,
+        },
+    ));
+    steps.push(admin(
+        "add-item",
+        C::AddItem {
+            pool: "spin".into(),
+            item: "hat".into(),
+            quantity: None,
+            weight: Some(50),
+        },
+    ));
+    steps.extend(draws(1, 15));
+    steps.push(admin(
+        "add-pool",
+        C::AddPool {
+            pool: PoolSeed::from_parts(
+                "xmas",
+                Mode::ByQuantity,
+                &[
+                    ("tree".into(), Some(6), None),
+                    ("star".into(), Some(30), None),
+                ],
+            ),
+        },
+    ));
+    steps.extend(draws(2, 10));
+    steps.push(admin(
+        "close",
+        C::ClosePool {
+            pool: "spin".into(),
+        },
+    ));
+    steps.extend(draws(1, 5));
+    steps.push(admin(
+        "open",
+        C::OpenPool {
+            pool: "spin".into(),
+        },
+    ));
+    steps.extend(draws(1, 10));
+    let applied = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Admin { .. }))
+        .count();
+    let done = run_engine(&config, true, &steps);
+    assert!(done.iter().all(|d| d.rejected.is_none()));
+    assert!(done.iter().any(|d| d.outcome.closed));
+    // A restart: a new epoch, another restock, more draws everywhere.
+    let mut more = vec![admin(
+        "restock-2",
+        C::Restock {
+            pool: "xmas".into(),
+            item: "tree".into(),
+            add: 4,
+        },
+    )];
+    more.extend(draws(2, 10));
+    more.extend(draws(0, 30));
+    run_engine(&config, true, &more);
+    (tmp, data, config_path, applied + 1)
+}
+
+#[test]
+fn a_log_with_every_admin_command_verifies_in_audit_and_verify_py() {
+    let (tmp, data, config, commands) = admin_history();
+    let drawn = wal_draws(&data);
+    let bundle = tmp.path().join("bundle.jsonl");
+    let (out, summary) = audit(&config, None, Some(&bundle));
+    assert!(
+        out.status.success(),
+        "{summary} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(u(&summary, "verified_draws"), drawn.len() as u64);
+    assert_eq!(u(&summary, "verified_commands"), commands as u64);
+    assert_eq!(u(&summary, "mismatches"), 0);
+    let text = fs::read_to_string(&bundle).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["version"], 2);
+    assert_eq!(
+        lines.iter().filter(|l| l["type"] == "command").count(),
+        commands
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "pool" && l["closed"] == true),
+        "a closed pool is restated as closed"
+    );
+
+    let (py, py_summary) = verify_py(&bundle);
+    assert!(
+        py.status.success(),
+        "{py_summary} {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    assert_eq!(u(&py_summary, "verified_commands"), commands as u64);
+    assert_eq!(
+        u(&py_summary, "verified_draws") + u(&py_summary, "unverified_draws"),
+        drawn.len() as u64
+    );
+    assert!(u(&py_summary, "verified_draws") > 100, "{py_summary}");
+
+    // A changed command in the bundle (restock 25 → 26): the pool the audit restated after
+    // it no longer matches the verifier's, named by line and request.
+    let mut tampered: Vec<serde_json::Value> = lines.clone();
+    let at = tampered
+        .iter()
+        .position(|l| l["type"] == "command" && l["op"] == "restock")
+        .unwrap();
+    tampered[at]["add"] = serde_json::json!(26);
+    let rid = u(&tampered[at], "request_id");
+    let path = tmp.path().join("tampered.jsonl");
+    let text: Vec<String> = tampered.iter().map(|l| l.to_string()).collect();
+    fs::write(&path, text.join("\n")).unwrap();
+    let (py, py_summary) = verify_py(&path);
+    assert_eq!(py.status.code(), Some(1), "{py_summary}");
+    let reason = py_summary["first_mismatch"].as_str().unwrap();
+    assert!(reason.contains(&format!("line {}", at + 2)), "{reason}");
+    assert!(reason.contains("after the command"), "{reason}");
+    let _ = rid;
+}
+
+#[test]
+fn a_reframed_command_that_does_not_apply_and_items_from_a_closed_pool_are_caught() {
+    let (_tmp, data, config, _) = admin_history();
+    let all = records(&data);
+    // The restock, re-framed onto spin's unlimited item (valid checksums): not a legal command.
+    let (segment, record_at, batch_at, request_id) = all
+        .iter()
+        .find_map(|(seg, at, batch, r)| match r {
+            Record::Admin(a) if a.op.name() == "restock" => {
+                Some((seg.clone(), *at, *batch, a.request_id))
+            }
+            _ => None,
+        })
+        .unwrap();
+    let original = fs::read(&segment).unwrap();
+    reframe(&segment, batch_at, |records| {
+        for r in records.iter_mut() {
+            if let Record::Admin(a) = r
+                && a.request_id == request_id
+            {
+                a.op = rewardpool::record::AdminOp::Restock {
+                    pool_index: 1,
+                    item_index: 2,
+                    add: 25,
+                };
+            }
+        }
+    });
+    let (out, summary) = audit(&config, None, None);
+    assert_eq!(out.status.code(), Some(1), "{summary}");
+    let m = &summary["first_mismatch"];
+    assert_eq!(m["file"].as_str().unwrap(), segment.display().to_string());
+    assert_eq!(u(m, "offset"), record_at);
+    assert_eq!(u(m, "request_id"), request_id);
+    assert!(
+        m["reason"].as_str().unwrap().contains("unlimited"),
+        "{summary}"
+    );
+    fs::write(&segment, &original).unwrap();
+    let (out, summary) = audit(&config, None, None);
+    assert!(out.status.success(), "restored: {summary}");
+
+    // A draw on the closed pool, re-framed with an item: the audit names it.
+    let close_id = all
+        .iter()
+        .find_map(|(_, _, _, r)| match r {
+            Record::Admin(a) if a.op.name() == "close_pool" => Some(a.request_id),
+            _ => None,
+        })
+        .unwrap();
+    let (segment, record_at, batch_at, request_id) = all
+        .iter()
+        .find_map(|(seg, at, batch, r)| match r {
+            Record::Draw(d) if d.request_id > close_id && d.pool_index == 1 => {
+                assert!(d.items.is_empty(), "a draw on a closed pool has no items");
+                Some((seg.clone(), *at, *batch, d.request_id))
+            }
+            _ => None,
+        })
+        .unwrap();
+    reframe(&segment, batch_at, |records| {
+        for r in records.iter_mut() {
+            if let Record::Draw(d) = r
+                && d.request_id == request_id
+            {
+                d.items = vec![1];
+            }
+        }
+    });
+    let (out, summary) = audit(&config, None, None);
+    assert_eq!(out.status.code(), Some(1), "{summary}");
+    let m = &summary["first_mismatch"];
+    assert_eq!(u(m, "offset"), record_at);
+    assert_eq!(u(m, "request_id"), request_id);
+    assert!(
+        m["reason"].as_str().unwrap().contains("closed"),
+        "{summary}"
+    );
 }

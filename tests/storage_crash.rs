@@ -3,9 +3,13 @@
 //! writer, rotation, snapshot, pruning and recovery, and at random moments. After every kill
 //! the next run recovers, and the invariants are checked against the full WAL (kept whole with
 //! `--keep-all-wal`):
-//! - recovered state = config minus every draw in the WAL; initial = remaining + issued;
-//! - every request reported done (after its fsync) is in the WAL with the same items;
-//! - no message_id is drawn twice, no request ID is given to two requests, IDs never go back.
+//! - recovered state = the WAL's story (config, draws, admin commands: the drill sends one
+//!   every 50 requests, `--admin-every`); stocked = remaining + issued;
+//! - every request reported done (after its fsync) is in the WAL with the same items; every
+//!   command reported applied is in the WAL, one reported rejected is not, a repeat names the
+//!   first's request ID (also across restarts);
+//! - no message_id is drawn or applied twice, no request ID is given to two requests, IDs never
+//!   go back.
 
 use common::*;
 use std::collections::HashMap;
@@ -16,6 +20,9 @@ use std::process::{Command, Stdio};
 #[derive(Debug, Clone)]
 struct Line {
     kind: String,
+    /// `new`/`repeat` for draws; `admin` (assigned), `applied`/`repeat`/`rejected` (done) for
+    /// commands.
+    kind_word: String,
     request_id: u64,
     message_id: String,
     repeat: bool,
@@ -31,6 +38,7 @@ fn parse_lines(stdout: &str) -> Vec<Line> {
             match parts.as_slice() {
                 ["assigned", id, mid, rep] => Some(Line {
                     kind: "assigned".into(),
+                    kind_word: rep.to_string(),
                     request_id: id.parse().ok()?,
                     message_id: mid.to_string(),
                     repeat: *rep == "repeat",
@@ -38,6 +46,7 @@ fn parse_lines(stdout: &str) -> Vec<Line> {
                 }),
                 ["done", id, mid, rep, items] => Some(Line {
                     kind: "done".into(),
+                    kind_word: rep.to_string(),
                     request_id: id.parse().ok()?,
                     message_id: mid.to_string(),
                     repeat: *rep == "repeat",
@@ -69,7 +78,7 @@ struct Run {
 
 fn drill(config: &std::path::Path, first: u64, requests: u64, kill: Kill) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_rewardpool-drill"));
-    cmd.args(["--keep-all-wal", "--config"])
+    cmd.args(["--keep-all-wal", "--admin-every", "50", "--config"])
         .arg(config)
         .args([
             "--first",
@@ -166,6 +175,7 @@ fn sigkill_at_many_points_loses_nothing_and_draws_nothing_twice() {
     let mut assigned_new: HashMap<u64, String> = HashMap::new();
     let mut last_new_id_before_run = 0u64;
     let mut kills = 0;
+    let mut applied_commands = 0;
     for (round, (kill, must_kill)) in plan.into_iter().enumerate() {
         // Overlapping message-id ranges: each run repeats part of the previous ones.
         let first = round as u64 * 1000;
@@ -215,21 +225,48 @@ fn sigkill_at_many_points_loses_nothing_and_draws_nothing_twice() {
         // Invariants after every run (the next run recovers; checks read without changing).
         let draws = wal_draws(&data);
         let by_message = check_wal(&draws);
-        for line in &done_all {
+        let commands: HashMap<String, u64> = wal_records(&data)
+            .into_iter()
+            .filter_map(|r| match r {
+                rewardpool::record::Record::Admin(a) => Some((a.message_id?, a.request_id)),
+                _ => None,
+            })
+            .collect();
+        for line in done_all.iter().filter(|l| l.message_id.starts_with("a-")) {
+            let durable = commands.get(&line.message_id);
+            match line.kind_word.as_str() {
+                "applied" | "repeat" => assert_eq!(
+                    durable,
+                    Some(&line.request_id),
+                    "round {round}: command {line:?} and the WAL"
+                ),
+                "rejected" => assert!(
+                    durable.is_none(),
+                    "round {round}: rejected command {line:?} is in the WAL"
+                ),
+                other => panic!("round {round}: {other} for a command: {line:?}"),
+            }
+            applied_commands += (line.kind_word == "applied") as usize;
+        }
+        let (state, _) =
+            rewardpool::recovery::load(&data, config.storage.dedupe_window).expect("recovers");
+        for line in done_all.iter().filter(|l| !l.message_id.starts_with("a-")) {
             let d = by_message.get(&line.message_id).unwrap_or_else(|| {
                 panic!("round {round}: completed request {line:?} is not in the WAL")
             });
             assert_eq!(d.request_id, line.request_id, "round {round}: {line:?}");
-            let pool = &config.pools[d.pool_index as usize];
+            // Item names from the recovered state: commands add items after the config's.
+            let items = state.items(d.pool_index);
             let names: Vec<String> = d
                 .items
                 .iter()
-                .map(|i| pool.items[*i as usize].id.clone())
+                .map(|i| items[*i as usize].id.clone())
                 .collect();
             assert_eq!(names, line.items, "round {round}: items of {line:?}");
         }
-        check_state(&config, &data, &draws);
+        check_state_with_commands(&config, &data);
     }
     assert!(kills >= 20, "only {kills} runs were killed");
+    assert!(applied_commands > 0, "no command was applied");
     assert!(!done_new.is_empty());
 }

@@ -406,3 +406,164 @@ fn a_disk_that_fills_mid_run_stops_the_engine_and_loses_nothing() {
     }
     check_state(&config, &data, &draws);
 }
+
+/// The commands of the admin tests below: every op, each with its own message_id.
+fn admin_steps(tag: &str) -> Vec<Step> {
+    use rewardpool::admin::AdminCommand as C;
+    use rewardpool::seed::{Mode, PoolSeed};
+    let commands = [
+        C::Restock {
+            pool: "default".into(),
+            item: "gold".into(),
+            add: 5,
+        },
+        C::SetQuantity {
+            pool: "default".into(),
+            item: "silver".into(),
+            quantity: 7,
+        },
+        C::SetWeight {
+            pool: "spin".into(),
+            item: "car".into(),
+            weight: 50,
+        },
+        C::AddItem {
+            pool: "default".into(),
+            item: format!("platinum-{tag}"),
+            quantity: Some(2),
+            weight: None,
+        },
+        C::AddPool {
+            pool: PoolSeed::from_parts(
+                &format!("xmas-{tag}"),
+                Mode::ByQuantity,
+                &[("tree".into(), Some(4), None)],
+            ),
+        },
+        C::ClosePool {
+            pool: "spin".into(),
+        },
+    ];
+    commands
+        .into_iter()
+        .enumerate()
+        .map(|(n, command)| Step::Admin {
+            message_id: Some(format!("{tag}-{n}")),
+            command,
+        })
+        .collect()
+}
+
+fn draws(from: usize, n: usize) -> Vec<Step> {
+    (from..from + n)
+        .map(|k| Step::Draw {
+            pool_index: (k % 2) as u32,
+            count: 1 + (k % 3) as u32,
+            message_id: Some(format!("m-{k}")),
+        })
+        .collect()
+}
+
+#[test]
+fn torn_tail_and_corruption_in_batches_of_admin_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let config_path = write_config(tmp.path(), &data, "");
+    let config = load_config(&config_path);
+    // Draws, the commands (and draws after them), then a last session of commands alone.
+    let mut first = draws(0, 40);
+    first.extend(admin_steps("early"));
+    first.extend(draws(40, 40));
+    run_engine(&config, true, &first);
+    let last = admin_steps("late");
+    let done = run_engine(&config, true, &last);
+    assert!(done.iter().all(|d| d.rejected.is_none() && !d.repeat));
+    check_state_with_commands(&config, &data);
+
+    let (segment, offset, len, seq) = last_batch(&data);
+    drop_snapshots_from(&data, 1);
+    let bytes = fs::read(&segment).unwrap();
+    let lost: Vec<String> = wal::parse_batch(&bytes, offset as usize)
+        .unwrap()
+        .records
+        .into_iter()
+        .filter_map(|r| match r {
+            rewardpool::record::Record::Admin(a) => a.message_id,
+            _ => None,
+        })
+        .collect();
+    assert!(!lost.is_empty(), "the last batch holds commands");
+    let name = segment.file_name().unwrap();
+    for cut in (offset..offset + len).chain(std::iter::once(u64::MAX)) {
+        let copy = tmp.path().join(format!("cut-{cut}"));
+        copy_dir(&data, &copy);
+        let seg = copy.join(name);
+        if cut == u64::MAX {
+            let mut bytes = fs::read(&seg).unwrap();
+            bytes[(offset + len - 1) as usize] ^= 0x55;
+            fs::write(&seg, bytes).unwrap();
+        } else {
+            let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
+            f.set_len(cut).unwrap();
+        }
+        let mut cfg = config.clone();
+        cfg.storage.data_dir = copy.clone();
+        let recovered = recovery::recover(&cfg, true)
+            .unwrap_or_else(|e| panic!("cut at {cut}: recovery failed: {e}"));
+        assert_eq!(recovered.state.seq, seq - 1, "cut at {cut}");
+        drop(recovered);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), offset, "cut at {cut}");
+        // The state is the (shorter) WAL's story: the lost commands are not applied.
+        check_state_with_commands(&cfg, &copy);
+        if cut == offset || cut == u64::MAX {
+            // Sent again: a lost command applies anew, a durable one is a repeat with the
+            // first reply (the window across a restart).
+            let again = run_engine(&cfg, true, &last);
+            for d in &again {
+                let Step::Admin { message_id, .. } = &last[d.step] else {
+                    unreachable!()
+                };
+                let was_lost = lost.contains(message_id.as_ref().unwrap());
+                assert_eq!(d.repeat, !was_lost, "cut at {cut}: {message_id:?}");
+                assert!(d.rejected.is_none(), "cut at {cut}: {:?}", d.rejected);
+            }
+            check_state_with_commands(&cfg, &copy);
+        }
+        fs::remove_dir_all(&copy).unwrap();
+    }
+
+    // A command record damaged in the middle of the log, valid batches after it: recovery
+    // refuses and names the file and the batch.
+    let (segment, batch_at) = {
+        let mut found = None;
+        for seg in wal::list_segments(&data).unwrap() {
+            let bytes = fs::read(&seg.path).unwrap();
+            wal::scan::<()>(&bytes, |b| {
+                let has_admin = b
+                    .records
+                    .iter()
+                    .any(|r| matches!(r, rewardpool::record::Record::Admin(_)));
+                if has_admin && found.is_none() && b.seq < seq {
+                    found = Some((seg.path.clone(), b.offset));
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        found.expect("an early batch with a command")
+    };
+    let mut bytes = fs::read(&segment).unwrap();
+    let batch = wal::parse_batch(&bytes, batch_at as usize).unwrap();
+    bytes[(batch_at + batch.len_bytes - 2) as usize] ^= 0xff;
+    fs::write(&segment, &bytes).unwrap();
+    let err = match recovery::recover(&config, true) {
+        Err(e) => e,
+        Ok(_) => panic!("recovery must refuse a damaged command followed by valid batches"),
+    };
+    assert!(matches!(err, RecoveryError::Corrupt { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&segment.display().to_string()) && msg.contains(&format!("offset {batch_at}")),
+        "{msg}"
+    );
+}

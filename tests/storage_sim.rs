@@ -12,12 +12,20 @@
 //! recovery the state equals the model (every completed draw there, nothing unknown, stock
 //! conserved, reservations above every ID handed out).
 //!
+//! About one step in eight is an admin command (restock, set_quantity, close_pool, open_pool,
+//! add_item at random; some break a rule, some repeat an applied or a rejected command's
+//! `message_id`). The model predicts each one's fate (applied, repeat with the first reply,
+//! rejected and not remembered), checks an applied one is durable when it completes and a
+//! rejected one is not, a draw's `closed` status, and after every recovery: the applied
+//! commands (and only they, with their first replies), the items they added, `stocked` per
+//! item (initial, then each command's reply) and the closed flag.
+//!
 //! `SIM_SEEDS=N` (default 60) seeds from `SIM_FIRST_SEED` (default 1); `SIM_STEPS` requests
 //! per seed (default 200). Nightly: `SIM_SEEDS=10000 cargo test --release --test storage_sim
 //! -- --nocapture`. A failing seed prints the one-line command that replays it.
-//! Admin commands (issue 7) fit in as another step kind in `Workload::step`.
 
-use rewardpool::admission::{Admission, Assigned, DrawSpec};
+use rewardpool::admin::AdminCommand;
+use rewardpool::admission::{AdminSpec, Admission, Assigned, DrawSpec, Submission};
 use rewardpool::config::Config;
 use rewardpool::dedupe::message_key;
 use rewardpool::engine::{Engine, EngineOptions};
@@ -51,6 +59,8 @@ struct Totals {
     snapshots: u64,
     ops: u64,
     injected: BTreeMap<String, u64>,
+    /// Admin commands completed, by fate: applied, repeat, rejected.
+    commands: BTreeMap<&'static str, u64>,
 }
 
 /// What the harness knows is durable, and what is in flight.
@@ -63,6 +73,112 @@ struct Model {
     /// Highest request ID ever handed out.
     max_id: u64,
     next_message: u64,
+    /// message_id → (request ID, command, reply) of every command known applied (durable).
+    /// (B-tree maps: a seed picks among them by position, so their order must not vary.)
+    applied: BTreeMap<String, (u64, AdminCommand, String)>,
+    /// Commands submitted, not completed (a crash came first): applied or not, recovery says.
+    commands_in_flight: BTreeMap<String, AdminCommand>,
+    /// Commands rejected, by message_id: a retry is checked again (and rejected again).
+    rejected: BTreeMap<String, AdminCommand>,
+}
+
+impl Model {
+    /// Item ids of pool "p" now: the config's, then those added by applied commands.
+    fn items(&self, config: &Config) -> Vec<String> {
+        let mut items: Vec<String> = config.pools[0].items.iter().map(|i| i.id.clone()).collect();
+        for (_, command, _) in self.applied_in_order() {
+            if let AdminCommand::AddItem { item, .. } = command {
+                items.push(item.clone());
+            }
+        }
+        items
+    }
+
+    fn applied_in_order(&self) -> Vec<&(u64, AdminCommand, String)> {
+        let mut all: Vec<_> = self.applied.values().collect();
+        all.sort_by_key(|a| a.0);
+        all
+    }
+
+    /// Pool "p" is closed now (the last close_pool/open_pool applied).
+    fn closed(&self) -> bool {
+        let mut closed = false;
+        for (_, command, _) in self.applied_in_order() {
+            match command {
+                AdminCommand::ClosePool { .. } => closed = true,
+                AdminCommand::OpenPool { .. } => closed = false,
+                _ => {}
+            }
+        }
+        closed
+    }
+
+    /// Whether the state must reject `command` now (the rules the workload can break: an
+    /// unlimited item has no quantity; an item id is added once).
+    fn rejects(&self, config: &Config, command: &AdminCommand) -> bool {
+        match command {
+            AdminCommand::Restock { item, .. } | AdminCommand::SetQuantity { item, .. } => {
+                item == "nothing"
+            }
+            AdminCommand::AddItem { item, .. } => self.items(config).contains(item),
+            _ => false,
+        }
+    }
+
+    /// `stocked` per item id of pool "p": the config's quantity, then each applied command's
+    /// reply (draws never move it).
+    fn stocked(&self, config: &Config) -> BTreeMap<String, Option<u64>> {
+        let mut out: BTreeMap<String, Option<u64>> = config.pools[0]
+            .items
+            .iter()
+            .map(|i| (i.id.clone(), i.stock.quantity()))
+            .collect();
+        for (_, command, reply) in self.applied_in_order() {
+            match command {
+                AdminCommand::Restock { item, .. } | AdminCommand::SetQuantity { item, .. } => {
+                    let reply: serde_json::Value = serde_json::from_str(reply).expect("JSON");
+                    out.insert(item.clone(), reply["item"]["stocked"].as_u64());
+                }
+                AdminCommand::AddItem { item, quantity, .. } => {
+                    out.insert(item.clone(), *quantity);
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// A random admin command on pool "p" (some break a rule: `nothing` is unlimited, an item id
+/// may exist already).
+fn random_command(rng: &mut SimRng, n: u64) -> AdminCommand {
+    let pool = "p".to_string();
+    let item = ["gold", "silver", "nothing"][rng.below(3) as usize].to_string();
+    match rng.below(5) {
+        0 => AdminCommand::Restock {
+            pool,
+            item,
+            add: 1 + rng.below(5),
+        },
+        1 => AdminCommand::SetQuantity {
+            pool,
+            item,
+            quantity: rng.below(20),
+        },
+        2 => AdminCommand::ClosePool { pool },
+        3 => AdminCommand::OpenPool { pool },
+        _ => AdminCommand::AddItem {
+            pool,
+            // Sometimes an id that exists (gold, or one added before): rejected.
+            item: if rng.one_in(4) {
+                "gold".to_string()
+            } else {
+                format!("x{}", n % 7)
+            },
+            quantity: (!rng.one_in(3)).then(|| 1 + rng.below(5)),
+            weight: Some(1 + rng.below(9)),
+        },
+    }
 }
 
 fn config(dir: &std::path::Path, rng: &mut SimRng) -> Config {
@@ -88,7 +204,57 @@ fn config(dir: &std::path::Path, rng: &mut SimRng) -> Config {
 }
 
 /// After a recovery: the state equals the model.
-fn check_recovered(state: &State, model: &mut Model) -> Result<(), String> {
+fn check_recovered(state: &State, model: &mut Model, config: &Config) -> Result<(), String> {
+    // Commands in flight at the crash that reached the disk are applied now; the others never
+    // were (a retry is a new command).
+    for (m, command) in std::mem::take(&mut model.commands_in_flight) {
+        if let Some(o) = state.admin_window.get(&message_key(&m)) {
+            let reply = o.admin.as_ref().expect("admin outcome").reply.clone();
+            model.applied.insert(m, (o.request_id, command, reply));
+        }
+    }
+    for (m, (id, _, reply)) in &model.applied {
+        match state.admin_window.get(&message_key(m)) {
+            Some(o) if o.request_id == *id && o.admin.as_ref().map(|a| &a.reply) == Some(reply) => {
+            }
+            _ => {
+                return Err(format!(
+                    "applied command {m} (ID {id}) is not in the recovered state"
+                ));
+            }
+        }
+    }
+    if state.admin_window.len() != model.applied.len() {
+        return Err(format!(
+            "recovered state holds {} commands, the model {}",
+            state.admin_window.len(),
+            model.applied.len()
+        ));
+    }
+    let slot = &state.pools[0];
+    if slot.closed != model.closed() {
+        return Err(format!(
+            "pool closed {}, the model says {}",
+            slot.closed,
+            model.closed()
+        ));
+    }
+    let items: Vec<String> = slot.pool.items().iter().map(|i| i.id.clone()).collect();
+    if items != model.items(config) {
+        return Err(format!(
+            "items {items:?}, the model says {:?}",
+            model.items(config)
+        ));
+    }
+    let stocked = model.stocked(config);
+    for item in slot.pool.items() {
+        if item.stocked != stocked[&item.id] {
+            return Err(format!(
+                "item {}: stocked {:?}, the model says {:?}",
+                item.id, item.stocked, stocked[&item.id]
+            ));
+        }
+    }
     state.assert_conserved();
     for (item, initial, remaining, issued) in state.conservation() {
         if initial != remaining + issued {
@@ -158,6 +324,7 @@ fn check_recovered(state: &State, model: &mut Model) -> Result<(), String> {
 }
 
 struct SeedResult {
+    commands: BTreeMap<&'static str, u64>,
     requests: u64,
     completions: u64,
     crashes: u64,
@@ -175,6 +342,7 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
     let storage: &'static dyn Storage = fs.leak();
     let mut model = Model::default();
     let mut out = SeedResult {
+        commands: BTreeMap::new(),
         requests: 0,
         completions: 0,
         crashes: 0,
@@ -199,7 +367,7 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
             }
         };
         failed_in_a_row = 0;
-        check_recovered(&recovered.state, &mut model).map_err(|e| {
+        check_recovered(&recovered.state, &mut model, &config).map_err(|e| {
             let r = &recovered.report;
             format!(
                 "{e} (recovery: snapshot {:?}, bad snapshots {:?}, torn tail {:?}, faults so far {:?})",
@@ -226,6 +394,38 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
                 break;
             }
             let errors_before = fs.errors_returned();
+            if rng.one_in(8) {
+                out.requests += 1;
+                match admin_step(
+                    &mut rng,
+                    &mut model,
+                    &config,
+                    &mut admission,
+                    &mut committed,
+                    &fs,
+                    tmp.path(),
+                )? {
+                    Some(fate) => *out.commands.entry(fate).or_default() += 1,
+                    None => break,
+                }
+                while stats.snapshots.load(Ordering::Acquire)
+                    < stats.snapshot_images.load(Ordering::Acquire)
+                    && engine.fatal().is_none()
+                {
+                    std::thread::sleep(Duration::from_micros(20));
+                }
+                if fs.errors_returned() > errors_before {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while engine.fatal().is_none() {
+                        if Instant::now() > deadline {
+                            return Err("a storage error did not stop the engine".into());
+                        }
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    break;
+                }
+                continue;
+            }
             // Redelivery of an in-flight request, a duplicate of a completed one, or new.
             let roll = rng.below(100);
             let mid = if roll < 20 && !model.in_flight.is_empty() {
@@ -278,6 +478,15 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
                     }
                 } else if model.drawn.contains_key(m) {
                     return Err(format!("message_id {m} drawn twice"));
+                } else if c.outcome.closed != model.closed()
+                    || (c.outcome.closed && !items.is_empty())
+                {
+                    return Err(format!(
+                        "draw {m}: closed {} with {} items, the model says closed {}",
+                        c.outcome.closed,
+                        items.len(),
+                        model.closed()
+                    ));
                 }
                 model.in_flight.remove(m);
                 model
@@ -341,6 +550,117 @@ fn run_seed(seed: u64, steps: u64) -> Result<(SeedResult, SimFs), String> {
     Ok((out, fs))
 }
 
+/// One admin command through admission and the engine, in lockstep: a new one, a retry of a
+/// rejected one, or a repeat of an applied one. `None`: the engine stopped (a crash follows).
+#[allow(clippy::too_many_arguments)]
+fn admin_step(
+    rng: &mut SimRng,
+    model: &mut Model,
+    config: &Config,
+    admission: &mut Admission<String>,
+    committed: &mut tokio::sync::mpsc::Receiver<rewardpool::engine::Committed<String>>,
+    fs: &SimFs,
+    dir: &std::path::Path,
+) -> Result<Option<&'static str>, String> {
+    let roll = rng.below(100);
+    let (mid, command) = if roll < 10 && !model.applied.is_empty() {
+        let i = rng.below(model.applied.len() as u64) as usize;
+        let (m, (_, c, _)) = model.applied.iter().nth(i).expect("in range");
+        (m.clone(), c.clone())
+    } else if roll < 20 && !model.rejected.is_empty() {
+        let i = rng.below(model.rejected.len() as u64) as usize;
+        let (m, c) = model.rejected.iter().nth(i).expect("in range");
+        (m.clone(), c.clone())
+    } else {
+        model.next_message += 1;
+        let n = model.next_message;
+        (format!("a{n}"), random_command(rng, n))
+    };
+    let Ok(new) = admission.assign_admin_blocking() else {
+        return Ok(None);
+    };
+    if new.request_id <= model.max_id {
+        return Err(format!("request ID {} handed out again", new.request_id));
+    }
+    model.max_id = new.request_id;
+    let first = model.applied.get(&mid).cloned();
+    let must_reject = first.is_none() && model.rejects(config, &command);
+    model
+        .commands_in_flight
+        .insert(mid.clone(), command.clone());
+    let spec = AdminSpec {
+        message_id: Some(mid.clone()),
+        command: command.clone(),
+    };
+    if admission
+        .submit_blocking(Submission::Admin(new, spec), mid.clone())
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let Some(batch) = committed.blocking_recv() else {
+        return Ok(None);
+    };
+    batch.assert_durable();
+    let mut fate = "applied";
+    for c in &batch.completions {
+        fate = match (c.repeat, &c.rejected) {
+            (true, _) => "repeat",
+            (false, Some(_)) => "rejected",
+            (false, None) => "applied",
+        };
+        model.commands_in_flight.remove(&mid);
+        let reply = c.outcome.admin.as_ref().map(|a| a.reply.clone());
+        match (&first, &c.rejected) {
+            (Some((id, _, first_reply)), None) => {
+                if !c.repeat || c.outcome.request_id != *id || reply.as_ref() != Some(first_reply) {
+                    return Err(format!(
+                        "repeat of command {mid} did not get the first reply"
+                    ));
+                }
+            }
+            (Some(_), Some(reason)) => {
+                return Err(format!(
+                    "repeat of applied command {mid} rejected: {reason}"
+                ));
+            }
+            (None, Some(reason)) => {
+                if !must_reject || c.repeat {
+                    return Err(format!("command {mid} {command:?} rejected: {reason}"));
+                }
+                model.rejected.insert(mid.clone(), command.clone());
+            }
+            (None, None) => {
+                if must_reject || c.repeat {
+                    return Err(format!(
+                        "command {mid} {command:?} applied (repeat {}), the model rejects it",
+                        c.repeat
+                    ));
+                }
+                let reply = reply.ok_or("applied without a reply")?;
+                model.rejected.remove(&mid);
+                model
+                    .applied
+                    .insert(mid.clone(), (c.outcome.request_id, command.clone(), reply));
+            }
+        }
+        // Applied means durable; rejected means nothing written.
+        let (durable, _) = recovery::load_in(&fs.durable_copy(), dir, config.storage.dedupe_window)
+            .map_err(|e| format!("durable state does not load: {e}"))?;
+        let on_disk = durable
+            .admin_window
+            .get(&message_key(&mid))
+            .map(|o| o.request_id);
+        let want = model.applied.get(&mid).map(|a| a.0);
+        if on_disk != want {
+            return Err(format!(
+                "command {mid}: durable {on_disk:?}, the model says {want:?}"
+            ));
+        }
+    }
+    Ok(Some(fate))
+}
+
 fn simulate(first: u64, seeds: u64, steps: u64) -> Totals {
     let mut totals = Totals::default();
     for seed in first..first + seeds {
@@ -354,6 +674,9 @@ fn simulate(first: u64, seeds: u64, steps: u64) -> Totals {
                 totals.crashes += r.crashes;
                 totals.recoveries_failed += r.recoveries_failed;
                 totals.snapshots += r.snapshots;
+                for (k, v) in r.commands {
+                    *totals.commands.entry(k).or_default() += v;
+                }
                 totals.ops += report.ops;
                 for (k, v) in report.injected {
                     *totals.injected.entry(k).or_default() += v;
@@ -396,6 +719,13 @@ fn storage_faults_never_lose_or_duplicate_a_draw() {
     );
     for (kind, n) in &t.injected {
         println!("storage_sim: injected {kind}: {n}");
+    }
+    println!("storage_sim: admin commands {:?}", t.commands);
+    for fate in ["applied", "repeat", "rejected"] {
+        assert!(
+            t.commands.get(fate).copied().unwrap_or(0) > 0 || seeds < 50,
+            "no admin command {fate}"
+        );
     }
     // The simulation must actually have hurt: every kind of fault, crashes, and completions.
     assert!(t.completions > seeds * steps / 4, "too few completions");

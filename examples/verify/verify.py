@@ -5,7 +5,9 @@ Written from the document alone, with Python's standard library only: it rebuild
 from the bundle's `pool` lines, re-derives every draw of an ended epoch from the epoch's secret
 (HMAC-SHA256 in counter mode, Lemire's multiply-and-reject), and checks it against the recorded
 items. Draws of the epoch still running (its secret is not in the bundle) are applied as
-recorded and counted as unverified.
+recorded and counted as unverified. Admin `command` lines are checked against the pools with
+the configuration's rules and applied; the `pool` line that follows one must equal the
+verifier's own pool. Stock accounting (stocked = quantity + issued) holds after every line.
 
     python3 verify.py BUNDLE.jsonl
 
@@ -20,6 +22,8 @@ import struct
 import sys
 
 MASK64 = (1 << 64) - 1
+QUANTITY_MAX = 1 << 40
+WEIGHT_MAX = 1 << 32
 
 
 class Stream:
@@ -66,6 +70,104 @@ def issue(item):
         if item["quantity"] == 0:
             raise ValueError("issue of an item with no units left")
         item["quantity"] -= 1
+    item["issued"] += 1
+
+
+def new_item(line, mode):
+    """An item of a `pool` line (version 1 lines have no issued/stocked: a fresh item)."""
+    item = {"id": line["id"], "quantity": line["quantity"], "weight": line["weight"]}
+    item["issued"] = line.get("issued", 0)
+    item["stocked"] = line.get("stocked", item["quantity"])
+    check_item(mode, item)
+    return item
+
+
+def check_item(mode, item):
+    """The configuration's rules for one item, and its stock accounting."""
+    if mode == "by_quantity":
+        if item["quantity"] is None:
+            raise Mismatch("item %r: unlimited in a by_quantity pool" % item["id"])
+        if item["weight"] is not None:
+            raise Mismatch("item %r: a weight in a by_quantity pool" % item["id"])
+    elif mode == "by_weight":
+        if item["weight"] is None or not 1 <= item["weight"] <= WEIGHT_MAX:
+            raise Mismatch("item %r: weight must be 1..2^32" % item["id"])
+    else:
+        raise Mismatch("unknown mode %r" % mode)
+    if item["quantity"] is None:
+        if item["stocked"] is not None:
+            raise Mismatch("item %r: unlimited with a stocked count" % item["id"])
+        return
+    if item["stocked"] is None or item["stocked"] > QUANTITY_MAX:
+        raise Mismatch("item %r: stocked must be 0..2^40" % item["id"])
+    if item["quantity"] < 0 or item["quantity"] + item["issued"] != item["stocked"]:
+        raise Mismatch(
+            "item %r: stocked %r != quantity %r + issued %r"
+            % (item["id"], item["stocked"], item["quantity"], item["issued"])
+        )
+
+
+def limited(pool, index):
+    item = pool["items"][index]
+    if item["quantity"] is None:
+        raise Mismatch("item %r is unlimited: it has no quantity to change" % item["id"])
+    return item
+
+
+def apply_command(pools, line):
+    """An admin command (docs/audit.md), checked as the worker checks it, then applied."""
+    op = line["op"]
+    index = line["pool_index"]
+    if op == "add_pool":
+        spec = line["pool"]
+        if index in pools:
+            raise Mismatch("add_pool at index %d, which exists" % index)
+        if index != len(pools):
+            raise Mismatch("add_pool at index %d, expected %d" % (index, len(pools)))
+        if any(p["id"] == spec["id"] for p in pools.values()):
+            raise Mismatch("add_pool of pool %r, which exists" % spec["id"])
+        if not spec["items"]:
+            raise Mismatch("add_pool of pool %r without items" % spec["id"])
+        items = [new_item(item, spec["mode"]) for item in spec["items"]]
+        if len({item["id"] for item in items}) != len(items):
+            raise Mismatch("add_pool of pool %r: duplicate item id" % spec["id"])
+        pools[index] = {"id": spec["id"], "mode": spec["mode"], "closed": False, "items": items}
+        return
+    pool = pools.get(index)
+    if pool is None:
+        raise Mismatch("%s names unknown pool index %d" % (op, index))
+    if op == "restock":
+        item = limited(pool, line["item_index"])
+        add = line["add"]
+        if not 1 <= add <= QUANTITY_MAX or item["stocked"] + add > QUANTITY_MAX:
+            raise Mismatch("restock of %r by %r: stocked would leave 0..2^40" % (item["id"], add))
+        item["quantity"] += add
+        item["stocked"] += add
+    elif op == "set_quantity":
+        item = limited(pool, line["item_index"])
+        quantity = line["quantity"]
+        if not 0 <= quantity <= QUANTITY_MAX or quantity + item["issued"] > QUANTITY_MAX:
+            raise Mismatch("set_quantity of %r to %r: out of range" % (item["id"], quantity))
+        item["quantity"] = quantity
+        item["stocked"] = quantity + item["issued"]
+    elif op == "set_weight":
+        if pool["mode"] != "by_weight":
+            raise Mismatch("set_weight in a by_quantity pool")
+        weight = line["weight"]
+        if not 1 <= weight <= WEIGHT_MAX:
+            raise Mismatch("set_weight to %r: out of range" % weight)
+        pool["items"][line["item_index"]]["weight"] = weight
+    elif op == "add_item":
+        item = new_item(line["item"], pool["mode"])
+        if any(other["id"] == item["id"] for other in pool["items"]):
+            raise Mismatch("add_item of %r, which the pool has" % item["id"])
+        pool["items"].append(item)
+    elif op == "close_pool":
+        pool["closed"] = True
+    elif op == "open_pool":
+        pool["closed"] = False
+    else:
+        raise Mismatch("unknown command op %r" % op)
 
 
 def draw(pool, count, stream):
@@ -98,6 +200,7 @@ def verify(lines):
     summary = {
         "verified_draws": 0,
         "unverified_draws": 0,
+        "verified_commands": 0,
         "epochs": 0,
         "ended_epochs": 0,
         "first_request_id": None,
@@ -113,14 +216,33 @@ def verify(lines):
         where = "line %d" % number
         try:
             if kind == "header":
-                if line.get("format") != "rewardpool-audit-bundle" or line.get("version") != 1:
+                if line.get("format") != "rewardpool-audit-bundle" or line.get("version") not in (1, 2):
                     raise Mismatch("unknown bundle format %r" % line)
             elif kind == "pool":
-                pools[line["pool_index"]] = {
+                pool = {
+                    "id": line["id"],
                     "mode": line["mode"],
                     "closed": line.get("closed", False),
-                    "items": [dict(item) for item in line["items"]],
+                    "items": [new_item(item, line["mode"]) for item in line["items"]],
                 }
+                index = line["pool_index"]
+                if index in pools and pools[index] != pool:
+                    # A pool restated after a command: the audit's state must be ours.
+                    raise Mismatch(
+                        "pool %d after the command is %r, the verifier has %r"
+                        % (index, pool, pools[index])
+                    )
+                pools[index] = pool
+            elif kind == "command":
+                request_id = line["request_id"]
+                where += " (request %d)" % request_id
+                if request_id <= last_id:
+                    raise Mismatch("request IDs must increase (%d after %d)" % (request_id, last_id))
+                last_id = request_id
+                apply_command(pools, line)
+                for item in pools[line["pool_index"]]["items"]:
+                    check_item(pools[line["pool_index"]]["mode"], item)
+                summary["verified_commands"] += 1
             elif kind == "epoch":
                 commitment = bytes.fromhex(line["commitment"])
                 secret = line.get("secret")
@@ -145,6 +267,10 @@ def verify(lines):
                 recorded = line["items"]
                 if epoch is None:
                     raise Mismatch("a draw before any epoch")
+                if len(recorded) > line["count"]:
+                    raise Mismatch("%d items for count %d" % (len(recorded), line["count"]))
+                if pool["closed"] and recorded:
+                    raise Mismatch("a draw on a closed pool has items %r" % recorded)
                 if epoch["secret"] is None:
                     for index in recorded:
                         issue(pool["items"][index])
@@ -153,6 +279,8 @@ def verify(lines):
                 derived = draw(pool, line["count"], Stream(epoch["secret"], request_id))
                 if derived != recorded:
                     raise Mismatch("recorded items %r, re-derived %r" % (recorded, derived))
+                for index in derived:
+                    check_item(pool["mode"], pool["items"][index])
                 summary["verified_draws"] += 1
                 if summary["first_request_id"] is None:
                     summary["first_request_id"] = request_id

@@ -9,6 +9,16 @@
 //! done <request_id> <message_id> <new|repeat> <items> after its record is on disk
 //! ```
 //!
+//! With `--admin-every N`, request k with k mod N = N - 1 is an admin command instead of a
+//! draw, `message_id` `a-<k>`, cycling through: restock default/gold +3, set_quantity
+//! default/silver to k mod 50, close_pool spin, open_pool spin, add_item default `extra-<k>`
+//! (quantity 2), restock spin/try_again (unlimited: rejected). Its lines:
+//!
+//! ```text
+//! assigned <request_id> a-<k> admin
+//! done <request_id> a-<k> <applied|repeat|rejected> -   (a repeat names the first's ID)
+//! ```
+//!
 //! A test kills it (SIGKILL, or a failpoint) at any moment and checks, after a restart, that
 //! every `done` line is in the durable state and no ID or `message_id` was used twice.
 //!
@@ -17,7 +27,8 @@
 //! (`rewardpool::failpoint`) and this tool calls none of its own.
 
 use clap::Parser;
-use rewardpool::admission::{Admission, Assigned, DrawSpec};
+use rewardpool::admin::AdminCommand;
+use rewardpool::admission::{AdminSpec, Admission, Assigned, DrawSpec, Submission};
 use rewardpool::config::Config;
 use rewardpool::engine::{Engine, EngineOptions};
 use rewardpool::recovery;
@@ -47,6 +58,9 @@ struct DrillArgs {
     /// Print only the final count.
     #[arg(long)]
     quiet: bool,
+    /// Every N-th request is an admin command (0: none); see the module comment.
+    #[arg(long, default_value_t = 0)]
+    admin_every: u64,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +84,7 @@ fn main() -> ExitCode {
                     requests: args.requests,
                     keep_all_wal: args.keep_all_wal,
                     quiet: args.quiet,
+                    admin_every: args.admin_every,
                 },
             )
         });
@@ -87,6 +102,37 @@ struct DrillOptions {
     requests: u64,
     keep_all_wal: bool,
     quiet: bool,
+    admin_every: u64,
+}
+
+/// The admin command of request `k` (see the module comment).
+fn admin_command(k: u64, every: u64) -> AdminCommand {
+    let (pool, item) = ("default".to_string(), "gold".to_string());
+    match (k / every) % 6 {
+        0 => AdminCommand::Restock { pool, item, add: 3 },
+        1 => AdminCommand::SetQuantity {
+            pool,
+            item: "silver".into(),
+            quantity: k % 50,
+        },
+        2 => AdminCommand::ClosePool {
+            pool: "spin".into(),
+        },
+        3 => AdminCommand::OpenPool {
+            pool: "spin".into(),
+        },
+        4 => AdminCommand::AddItem {
+            pool,
+            item: format!("extra-{k}"),
+            quantity: Some(2),
+            weight: None,
+        },
+        _ => AdminCommand::Restock {
+            pool: "spin".into(),
+            item: "try_again".into(),
+            add: 1,
+        },
+    }
 }
 
 fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
@@ -118,12 +164,17 @@ fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
                 done += 1;
                 if !quiet {
                     let items: Vec<&str> = c.outcome.items.iter().map(|s| &**s).collect();
+                    let kind = match (c.ticket.starts_with("a-"), &c.rejected, c.repeat) {
+                        (_, _, true) => "repeat",
+                        (true, Some(_), _) => "rejected",
+                        (true, None, _) => "applied",
+                        (false, _, false) => "new",
+                    };
                     let _ = writeln!(
                         out,
-                        "done {} {} {} {}",
+                        "done {} {} {kind} {}",
                         c.outcome.request_id,
                         c.ticket,
-                        if c.repeat { "repeat" } else { "new" },
                         if items.is_empty() {
                             "-".to_string()
                         } else {
@@ -137,6 +188,26 @@ fn run(config: &Config, options: &DrillOptions) -> anyhow::Result<()> {
         done
     });
     for k in options.first..options.first + options.requests {
+        if options.admin_every > 0 && k % options.admin_every == options.admin_every - 1 {
+            let message_id = format!("a-{k}");
+            let Ok(new) = admission.assign_admin_blocking() else {
+                break;
+            };
+            if !quiet {
+                println!("assigned {} {message_id} admin", new.request_id);
+            }
+            let spec = AdminSpec {
+                message_id: Some(message_id.clone()),
+                command: admin_command(k, options.admin_every),
+            };
+            if admission
+                .submit_blocking(Submission::Admin(new, spec), message_id)
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        }
         let message_id = format!("m-{k}");
         let Ok(assigned) = admission.assign_blocking(Some(&message_id)) else {
             break;

@@ -730,6 +730,8 @@ async fn ceiling_settle(
                         user: item.user.into(),
                         count: item.count,
                         items: vec![item_name.clone()],
+                        closed: false,
+                        admin: None,
                     };
                     let body = result_body(&outcome, item.message_id.as_ref().map(|m| m.as_str()));
                     let props = result_properties(item.request_id, &item.correlation_id);
