@@ -14,6 +14,8 @@
 //!   allocation. The engine touches only the WAL histograms, once per batch or per fsync
 //!   (`EngineStats`).
 //! * Readiness is one atomic ([`Readiness`]); the HTTP side reads it, the supervisor writes it.
+//!   A broker resource alarm is a second atomic (the session it blocks), written by the
+//!   session's event watcher: a ready worker whose publishes the broker blocks reads `blocked`.
 
 use crate::state::{Outcome, State};
 use prometheus_client::encoding::text::encode;
@@ -23,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 type Labels = Vec<(String, String)>;
@@ -68,6 +70,10 @@ pub enum Readiness {
     Ready = 2,
     Reconnecting = 3,
     ShuttingDown = 4,
+    /// Connected and consuming, but the broker blocks publishing (connection.blocked: a memory
+    /// or disk alarm), so no result can go out. Never stored: [`Metrics::readiness`] derives
+    /// it from `Ready` and the alarm.
+    Blocked = 5,
 }
 
 impl Readiness {
@@ -89,6 +95,7 @@ impl Readiness {
             Readiness::Ready => "ready",
             Readiness::Reconnecting => "reconnecting",
             Readiness::ShuttingDown => "shutting down",
+            Readiness::Blocked => "blocked",
         }
     }
 }
@@ -113,6 +120,8 @@ pub struct Metrics {
     pub broker_reconnects: Counter,
     ready: Gauge,
     readiness: AtomicU8,
+    /// The epoch of the broker session the broker blocks (connection.blocked); 0: none.
+    blocked_epoch: AtomicU64,
     storage_failed: AtomicBool,
 }
 
@@ -239,6 +248,7 @@ impl Metrics {
             broker_reconnects,
             ready,
             readiness: AtomicU8::new(Readiness::Recovering as u8),
+            blocked_epoch: AtomicU64::new(0),
             storage_failed: AtomicBool::new(false),
         }
     }
@@ -345,12 +355,37 @@ impl Metrics {
             .inc();
     }
 
+    /// `Blocked` while ready and the broker blocks publishing; the stored state otherwise.
     pub fn readiness(&self) -> Readiness {
-        Readiness::from_u8(self.readiness.load(Ordering::Acquire))
+        let r = Readiness::from_u8(self.readiness.load(Ordering::Acquire));
+        if r == Readiness::Ready && self.blocked_epoch.load(Ordering::Acquire) != 0 {
+            Readiness::Blocked
+        } else {
+            r
+        }
     }
 
-    /// Moves readiness; `ShuttingDown` is final.
+    /// The broker blocked (`true`) or unblocked publishing on session `epoch` (≥ 1). An
+    /// unblock, or the end of a session, from an older session does not clear a newer one's.
+    pub fn set_broker_blocked(&self, epoch: u64, blocked: bool) {
+        assert!(epoch > 0, "session epochs start at 1");
+        if blocked {
+            self.blocked_epoch.store(epoch, Ordering::Release);
+        } else {
+            let _ =
+                self.blocked_epoch
+                    .compare_exchange(epoch, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+        self.ready
+            .set(i64::from(self.readiness() == Readiness::Ready));
+    }
+
+    /// Moves readiness; `ShuttingDown` is final. `Blocked` is derived, never set.
     pub fn set_readiness(&self, r: Readiness) {
+        assert!(
+            r != Readiness::Blocked,
+            "Blocked comes from set_broker_blocked"
+        );
         let mut current = self.readiness.load(Ordering::Acquire);
         loop {
             if current == Readiness::ShuttingDown as u8 {
@@ -366,7 +401,8 @@ impl Metrics {
                 Err(now) => current = now,
             }
         }
-        self.ready.set(i64::from(r == Readiness::Ready));
+        self.ready
+            .set(i64::from(self.readiness() == Readiness::Ready));
         self.broker_connected.set(i64::from(r == Readiness::Ready));
     }
 
@@ -447,5 +483,40 @@ impl DrawCounters {
         ]);
         counter.inc();
         counters.push((status, counter));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_gauge(m: &Metrics) -> bool {
+        m.encode().lines().any(|l| l == "rewardpool_ready 1")
+    }
+
+    #[test]
+    fn a_broker_alarm_makes_a_ready_worker_blocked_until_its_session_unblocks() {
+        let m = Metrics::new();
+        m.set_readiness(Readiness::Connecting);
+        m.set_broker_blocked(1, true);
+        assert_eq!(
+            m.readiness(),
+            Readiness::Connecting,
+            "not ready stays as it is"
+        );
+        m.set_readiness(Readiness::Ready);
+        assert_eq!(m.readiness(), Readiness::Blocked);
+        assert_eq!(m.readiness().reason(), "blocked");
+        assert!(!ready_gauge(&m));
+        // An older session's unblock (or end) does not clear a newer session's alarm.
+        m.set_broker_blocked(2, true);
+        m.set_broker_blocked(1, false);
+        assert_eq!(m.readiness(), Readiness::Blocked);
+        m.set_broker_blocked(2, false);
+        assert_eq!(m.readiness(), Readiness::Ready);
+        assert!(ready_gauge(&m));
+        m.set_broker_blocked(3, true);
+        m.set_readiness(Readiness::ShuttingDown);
+        assert_eq!(m.readiness(), Readiness::ShuttingDown);
     }
 }

@@ -60,9 +60,10 @@ async fn open_session(
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
+    metrics: &Arc<Metrics>,
 ) -> Result<(Link, Arc<Session>, Consumers), AmqpError> {
     let link = amqp::connect(cfg, &format!("rewardpool worker {}", std::process::id())).await?;
-    match start_session(&link, cfg, epoch, pool_ids, released).await {
+    match start_session(&link, cfg, epoch, pool_ids, released, metrics).await {
         Ok((session, consumers)) => Ok((link, session, consumers)),
         Err(e) => {
             // Close explicitly: the locks taken so far (request queue, earlier pools) must
@@ -88,6 +89,7 @@ async fn start_session(
     epoch: u64,
     pool_ids: &[String],
     released: &[String],
+    metrics: &Arc<Metrics>,
 ) -> Result<(Arc<Session>, Consumers), AmqpError> {
     // Listened to from the start: a connection.blocked can come at any time.
     let events = link.connection.events_listener();
@@ -116,7 +118,11 @@ async fn start_session(
         link.lock.clone(),
         cfg.clone(),
     ));
-    tokio::spawn(watch_events(Arc::downgrade(&session), events));
+    tokio::spawn(watch_events(
+        Arc::downgrade(&session),
+        events,
+        metrics.clone(),
+    ));
     let requests = ingest::start_consumer(&session, &cfg.request_queue).await?;
     let admin = ingest::start_admin_consumer(&session).await?;
     Ok((session, Consumers { requests, admin }))
@@ -124,32 +130,41 @@ async fn start_session(
 
 /// Drains the connection's events (lapin queues them unbounded): connection.blocked and
 /// unblocked (a broker memory or disk alarm) are logged and recorded on the session, whose
-/// publishes and confirms then wait instead of timing out as a lost connection. Ends with the
-/// session.
+/// publishes and confirms then wait instead of timing out as a lost connection, and
+/// `/readyz` answers 503 `blocked` meanwhile. Ends with the session.
 async fn watch_events(
     session: std::sync::Weak<Session>,
     mut events: impl futures::Stream<Item = lapin::Event> + Unpin,
+    metrics: Arc<Metrics>,
 ) {
     use futures::StreamExt;
+    let Some(epoch) = session.upgrade().map(|s| s.epoch) else {
+        return;
+    };
     loop {
-        let Some(s) = session.upgrade() else { return };
+        let Some(s) = session.upgrade() else { break };
         let next = tokio::select! {
             e = events.next() => e,
-            _ = s.broken() => return,
+            _ = s.broken() => break,
         };
         match next {
-            None => return,
+            None => break,
             Some(lapin::Event::ConnectionBlocked(reason)) => {
-                tracing::warn!(epoch = s.epoch, %reason, "the broker blocks publishing (resource alarm: memory or disk); results wait until it unblocks");
+                // Recorded before it is logged: whoever reads the log sees /readyz agree.
+                metrics.set_broker_blocked(epoch, true);
+                tracing::warn!(epoch, %reason, "the broker blocks publishing (resource alarm: memory or disk); results wait until it unblocks");
                 s.set_blocked(Some(reason));
             }
             Some(lapin::Event::ConnectionUnblocked) => {
-                tracing::info!(epoch = s.epoch, "the broker unblocked publishing");
                 s.set_blocked(None);
+                metrics.set_broker_blocked(epoch, false);
+                tracing::info!(epoch, "the broker unblocked publishing");
             }
             Some(_) => {}
         }
     }
+    // The session is over: its alarm with it (a new session learns of a standing alarm anew).
+    metrics.set_broker_blocked(epoch, false);
 }
 
 async fn close_link(link: &Link, cfg: &AmqpConfig) {
@@ -296,8 +311,14 @@ async fn run_inner(
             break;
         }
         epoch += 1;
-        let (link, session, consumers) = match open_session(&cfg, epoch, &pools.ids(), &released)
-            .await
+        let (link, session, consumers) = match open_session(
+            &cfg,
+            epoch,
+            &pools.ids(),
+            &released,
+            &metrics,
+        )
+        .await
         {
             Ok(v) => v,
             Err(AmqpError::LockHeld(held))

@@ -21,7 +21,8 @@
 //! item (initial, then each command's reply) and the closed flag.
 //!
 //! `SIM_SEEDS=N` (default 60) seeds from `SIM_FIRST_SEED` (default 1); `SIM_STEPS` requests
-//! per seed (default 200). Nightly: `SIM_SEEDS=10000 cargo test --release --test storage_sim
+//! per seed (default 200); `SIM_THREADS` seeds at once (default: the CPUs; a seed replays the
+//! same on any number). Nightly: `SIM_SEEDS=10000 cargo test --release --test storage_sim
 //! -- --nocapture`. A failing seed prints the one-line command that replays it.
 
 use rewardpool::admin::AdminCommand;
@@ -661,40 +662,78 @@ fn admin_step(
     Ok(Some(fate))
 }
 
+/// Runs seeds `first..first + seeds` on `SIM_THREADS` threads (default: the CPUs). A seed is
+/// independent of every other (its own file system, engine and model), so the threads change
+/// nothing a seed does, only how many wait at once: a seed spends most of its wall time in
+/// hand-offs between the harness, engine, writer and snapshot threads. On failure the lowest
+/// failing seed is reported, with its replay command.
 fn simulate(first: u64, seeds: u64, steps: u64) -> Totals {
-    let mut totals = Totals::default();
-    for seed in first..first + seeds {
-        let result = std::panic::catch_unwind(|| run_seed(seed, steps));
-        let failure = match result {
-            Ok(Ok((r, fs))) => {
-                let report = fs.report();
-                totals.seeds += 1;
-                totals.requests += r.requests;
-                totals.completions += r.completions;
-                totals.crashes += r.crashes;
-                totals.recoveries_failed += r.recoveries_failed;
-                totals.snapshots += r.snapshots;
-                for (k, v) in r.commands {
-                    *totals.commands.entry(k).or_default() += v;
+    let threads = env_u64(
+        "SIM_THREADS",
+        std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+    )
+    .clamp(1, seeds.max(1));
+    let next = std::sync::atomic::AtomicU64::new(first);
+    let failed = std::sync::Mutex::new(None::<(u64, String)>);
+    let totals = std::sync::Mutex::new(Totals::default());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::Relaxed);
+                    if seed >= first + seeds {
+                        return;
+                    }
+                    // After a failure, only lower seeds still run (the lowest is reported).
+                    if failed
+                        .lock()
+                        .expect("failures")
+                        .as_ref()
+                        .is_some_and(|(s, _)| *s < seed)
+                    {
+                        return;
+                    }
+                    let result = std::panic::catch_unwind(|| run_seed(seed, steps));
+                    let failure = match result {
+                        Ok(Ok((r, fs))) => {
+                            let report = fs.report();
+                            let mut totals = totals.lock().expect("totals");
+                            totals.seeds += 1;
+                            totals.requests += r.requests;
+                            totals.completions += r.completions;
+                            totals.crashes += r.crashes;
+                            totals.recoveries_failed += r.recoveries_failed;
+                            totals.snapshots += r.snapshots;
+                            for (k, v) in r.commands {
+                                *totals.commands.entry(k).or_default() += v;
+                            }
+                            totals.ops += report.ops;
+                            for (k, v) in report.injected {
+                                *totals.injected.entry(k).or_default() += v;
+                            }
+                            continue;
+                        }
+                        Ok(Err(e)) => e,
+                        Err(panic) => panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "panic".into()),
+                    };
+                    let mut failed = failed.lock().expect("failures");
+                    if failed.as_ref().is_none_or(|(s, _)| seed < *s) {
+                        *failed = Some((seed, failure));
+                    }
                 }
-                totals.ops += report.ops;
-                for (k, v) in report.injected {
-                    *totals.injected.entry(k).or_default() += v;
-                }
-                continue;
-            }
-            Ok(Err(e)) => e,
-            Err(panic) => panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into()),
-        };
+            });
+        }
+    });
+    if let Some((seed, failure)) = failed.into_inner().expect("failures") {
         panic!(
             "seed {seed} failed: {failure}\nreplay: SIM_FIRST_SEED={seed} SIM_SEEDS=1 SIM_STEPS={steps} cargo test --release --test storage_sim -- --nocapture"
         );
     }
-    totals
+    totals.into_inner().expect("totals")
 }
 
 #[test]
