@@ -270,43 +270,46 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     let op = cfg.operation_timeout_ms;
     let ch = &link.consume;
     let dlx = cfg.dead_letter_exchange_name();
-    timed(
-        "exchange.declare",
-        op,
-        ch.exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    .map_err(|e| match e {
-        AmqpError::Broker { error, .. } if precondition_failed(&error) => {
-            AmqpError::InequivalentExchange {
-                exchange: dlx.clone(),
-                detail: error.to_string(),
+    let admin_dlx = cfg.admin_dead_letter_exchange_name();
+    for exchange in [&dlx, &admin_dlx] {
+        timed(
+            "exchange.declare",
+            op,
+            ch.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .map_err(|e| match e {
+            AmqpError::Broker { error, .. } if precondition_failed(&error) => {
+                AmqpError::InequivalentExchange {
+                    exchange: exchange.clone(),
+                    detail: error.to_string(),
+                }
             }
-        }
-        e => e,
-    })?;
-    let base = |extra: bool| {
+            e => e,
+        })?;
+    }
+    let base = |dead_letter: Option<(&str, &str)>| {
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(cfg.queue_type.as_str().into()),
         );
-        if extra {
+        if let Some((exchange, routing_key)) = dead_letter {
             args.insert(
                 "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(dlx.as_str().into()),
+                AMQPValue::LongString(exchange.into()),
             );
             args.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(cfg.dead_letter_queue.as_str().into()),
+                AMQPValue::LongString(routing_key.into()),
             );
             if cfg.queue_type == QueueType::Quorum {
                 args.insert(
@@ -321,26 +324,39 @@ pub async fn declare(link: &Link, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     // dead-letter queue untouched, and (quorum) a command redelivered `delivery_limit` times
     // is dead-lettered too. A command `rewardpool admin` sent expires there after its
     // `--timeout` (per-message TTL), so one nobody consumed in time is never applied later.
+    // It goes through its own exchange, `<admin_queue>.dlx` (routing key: the admin queue),
+    // bound to this worker's dead-letter queue: the admin queue's arguments then name nothing
+    // of the request queue, and a worker with other request queues (a benchmark's next run)
+    // declares the same default admin queue without a conflict.
+    let admin_dead_letter = (admin_dlx.as_str(), cfg.admin_queue.as_str());
     for (queue, args) in [
-        (&cfg.dead_letter_queue, base(false)),
-        (&cfg.result_queue, base(false)),
-        (&cfg.request_queue, base(true)),
-        (&cfg.admin_queue, base(true)),
+        (&cfg.dead_letter_queue, base(None)),
+        (&cfg.result_queue, base(None)),
+        (
+            &cfg.request_queue,
+            base(Some((&dlx, &cfg.dead_letter_queue))),
+        ),
+        (&cfg.admin_queue, base(Some(admin_dead_letter))),
     ] {
         declare_queue(ch, queue, args, op).await?;
     }
-    timed(
-        "queue.bind",
-        op,
-        ch.queue_bind(
-            cfg.dead_letter_queue.as_str().into(),
-            dlx.as_str().into(),
-            cfg.dead_letter_queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        ),
-    )
-    .await?;
+    for (exchange, routing_key) in [
+        (&dlx, &cfg.dead_letter_queue),
+        (&admin_dlx, &cfg.admin_queue),
+    ] {
+        timed(
+            "queue.bind",
+            op,
+            ch.queue_bind(
+                cfg.dead_letter_queue.as_str().into(),
+                exchange.as_str().into(),
+                routing_key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
     timed(
         "basic.qos",
         op,

@@ -195,6 +195,13 @@ impl AmqpConfig {
         }
     }
 
+    /// The admin queue's own dead-letter exchange, `<admin_queue>.dlx`: its arguments then do
+    /// not depend on the request queue, so workers run one after another with other request
+    /// queues (benchmarks, tests) can declare the same admin queue.
+    pub fn admin_dead_letter_exchange_name(&self) -> String {
+        format!("{}.dlx", self.admin_queue)
+    }
+
     /// url with the password replaced by "***" for logs
     pub fn url_redacted(&self) -> String {
         redact_secrets(&self.url)
@@ -838,7 +845,14 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
             let name = shorten(name);
             format!("queue name {name:?} is also used by {other}; the queues must differ")
         });
-        check(key, amqp_name_problem(name, "queue name").or(twin));
+        let dlx_room_bytes = bytes_max - ".dlx".len();
+        let admin_dlx = (*key == "amqp.admin_queue" && name.len() > dlx_room_bytes).then(|| {
+            format!("too long for its dead-letter exchange \"<admin_queue>.dlx\" (at most {dlx_room_bytes} bytes)")
+        });
+        check(
+            key,
+            amqp_name_problem(name, "queue name").or(twin).or(admin_dlx),
+        );
     }
     let (dlx, exchange) = (&amqp.dead_letter_exchange, &amqp.exchange);
     let derived = format!(
