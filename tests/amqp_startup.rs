@@ -260,3 +260,47 @@ async fn a_dead_letter_exchange_of_another_type_stops_the_worker() {
     assert_eq!(warnings, 0, "no retry loop: {events:#?}");
     names.delete(&conn).await;
 }
+
+/// Two workers with their own request and dead-letter queues, one after the other, on one
+/// admin queue name (a benchmark's next run, or the built-in `rewardpool.admin`): the admin
+/// queue's arguments name only its own dead-letter exchange (`<admin_queue>.dlx`), so the
+/// second declares it without a conflict, and a command it rejects lands in its own
+/// dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_run_one_after_another_share_an_admin_queue_name() {
+    let conn = require_broker().await;
+    let config = || {
+        WorkerConfig::new(
+            QueueType::Quorum,
+            vec![PoolSpec::new("default", &[("gold", 10)])],
+        )
+    };
+    let first = Setup::new("admin-share-a", config());
+    let second = Setup::new("admin-share-b", config());
+    let admin_queue = first.names.extra("shared-admin");
+    let env = [("REWARDPOOL__AMQP__ADMIN_QUEUE", admin_queue.as_str())];
+
+    let mut worker = first.start_ready(&conn, &env).await;
+    worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
+    let mut worker = second.start_ready(&conn, &env).await;
+    let dead_before = must_queue_state(&conn, &second.names.dead).await.messages;
+    let mut producer = Producer::new(&conn).await;
+    producer
+        .publish(
+            &admin_queue,
+            br#"{"op":"no_such_op"}"#,
+            request_props(Some("share-1"), None, None),
+        )
+        .await;
+    producer.flush().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while must_queue_state(&conn, &second.names.dead).await.messages == dead_before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rejected command never reached the second worker's dead-letter queue; log:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop(libc::SIGTERM, Duration::from_secs(60)).await;
+}
