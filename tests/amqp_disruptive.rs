@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Enough requests that the stream is still flowing when a disruption lands (`rabbitmqctl`
-/// itself takes a second or two to act; the worker draws a few thousand per second).
-const M: usize = 30_000;
+/// itself takes a second or two to act; the worker draws several thousand per second, and
+/// 30,000 once finished before the second disruption). `stream_pools` has stock for all.
+const M: usize = 60_000;
 
 fn config() -> WorkerConfig {
     let mut config = WorkerConfig::new(QueueType::Quorum, stream_pools());

@@ -350,7 +350,7 @@ pub fn stream_pools() -> Vec<PoolSpec> {
     vec![
         PoolSpec::new(
             "default",
-            &[("gold", 100), ("silver", 1000), ("bronze", 100_000)],
+            &[("gold", 100), ("silver", 1000), ("bronze", 1_000_000)],
         ),
         PoolSpec::new("tiny", &[("gem", 30), ("pearl", 20)]),
     ]
