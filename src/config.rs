@@ -337,17 +337,14 @@ pub struct Location {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let id = |id: &Option<String>, what| id.as_ref().map(|id| format!("{what}{id:?}"));
-        let pool = id(&self.pool_id, "; pool ").unwrap_or_default();
-        let item = id(&self.item_id, ", item ").unwrap_or_default();
-        match self.key.contains('[') {
-            true => write!(
-                f,
-                "`{}` (indices 0-based{pool}{item}){}",
-                self.key, self.origin
-            ),
-            false => write!(f, "`{}`{}", self.key, self.origin),
+        write!(f, "`{}`", self.key)?;
+        if self.key.contains('[') {
+            let id = |id: &Option<String>, what| id.as_ref().map(|id| format!("{what}{id:?}"));
+            let pool = id(&self.pool_id, "; pool ").unwrap_or_default();
+            let item = id(&self.item_id, ", item ").unwrap_or_default();
+            write!(f, " (indices 0-based{pool}{item})")?;
         }
+        write!(f, "{}", self.origin)
     }
 }
 
@@ -437,12 +434,12 @@ impl Config {
             message: redact_secrets(&error.to_string()),
         };
         let toml = |text| config::File::from_str(text, config::FileFormat::Toml);
-        let layered = config::Config::builder()
+        let mut tree: Value = config::Config::builder()
             .add_source(toml(DEFAULTS_TOML))
             .add_source(toml(text))
             .build()
+            .and_then(config::Config::try_deserialize)
             .map_err(|e| load_error(&e))?;
-        let mut tree: Value = layered.try_deserialize().map_err(|e| load_error(&e))?;
         let env = apply_env(&mut tree, env)?;
         let ids = tree.clone();
         let ctx = Ctx {
@@ -700,14 +697,9 @@ impl Ctx<'_> {
         // A pool or an item as a whole: the line of its id; in pools, else the nearest
         // enclosing key in the file (an entry may come from the environment, or lack the key).
         let in_pools = key.starts_with("pools");
-        let id = key
-            .ends_with(']')
-            .then(|| file.lines.get(&child(key, "id")));
-        let mut up = std::iter::successors(Some(key), |key| parent(key).filter(|_| in_pools));
-        match id
-            .flatten()
-            .or_else(|| up.find_map(|key| file.lines.get(key)))
-        {
+        let id = key.ends_with(']').then(|| child(key, "id"));
+        let up = std::iter::successors(Some(key), |key| parent(key).filter(|_| in_pools));
+        match (id.as_deref().into_iter().chain(up)).find_map(|key| file.lines.get(key)) {
             None if !in_pools => Origin::Default,
             line => Origin::File {
                 path: file.path.clone(),
@@ -932,13 +924,10 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
         rule,
         first: first.map(|first| ctx.at(&first)),
     };
+    let pool_id = |p: usize| format!("pools[{p}].id");
     let ids = pools.iter().map(|pool| pool.id.as_str());
     if let Err((index, first, e)) = crate::seed::check_unique_pool_ids(ids) {
-        return Err(rule(
-            format!("pools[{index}].id"),
-            e,
-            Some(format!("pools[{first}].id")),
-        ));
+        return Err(rule(pool_id(index), e, Some(pool_id(first))));
     }
     let mut seeds = Vec::with_capacity(pools.len());
     for (p, pool) in pools.iter().enumerate() {
@@ -959,18 +948,12 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
         if let Err((item, error)) = crate::seed::check_pool(&seed) {
             let (key, first) = match (&error, item) {
                 (RuleError::DuplicateItemId { .. }, Some(i)) => {
-                    let first = pool
-                        .items
-                        .iter()
-                        .position(|item| item.id == pool.items[i].id);
-                    (
-                        format!("{items}[{i}].id"),
-                        first.map(|f| format!("{items}[{f}].id")),
-                    )
+                    let id = &pool.items[i].id;
+                    let first = pool.items.iter().position(|item| &item.id == id);
+                    let item_id = |i| format!("{items}[{i}].id");
+                    (item_id(i), first.map(item_id))
                 }
-                (RuleError::EmptyId { .. } | RuleError::LongId { .. }, None) => {
-                    (format!("pools[{p}].id"), None)
-                }
+                (RuleError::EmptyId { .. } | RuleError::LongId { .. }, None) => (pool_id(p), None),
                 (_, Some(i)) => (format!("{items}[{i}]"), None),
                 (_, None) => (format!("pools[{p}]"), None),
             };
