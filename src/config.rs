@@ -496,18 +496,16 @@ impl SourceFile {
 
 /// The line of every key and array entry under `value`, by key path.
 fn record_lines(text: &str, value: &DeValue<'_>, key: &str, lines: &mut HashMap<String, usize>) {
-    let entries: Vec<(String, usize, &DeValue<'_>)> = match value {
-        DeValue::Table(table) => (table.iter())
-            .map(|(k, v)| (child(key, k.get_ref()), k.span().start, v.get_ref()))
-            .collect(),
-        DeValue::Array(items) => (items.iter().enumerate())
-            .map(|(i, v)| (format!("{key}[{i}]"), v.span().start, v.get_ref()))
-            .collect(),
-        _ => return,
-    };
-    for (key, start, value) in entries {
+    let mut record = |key: String, start: usize, value: &DeValue<'_>| {
         lines.insert(key.clone(), line_at(text, start));
         record_lines(text, value, &key, lines);
+    };
+    match value {
+        DeValue::Table(table) => (table.iter())
+            .for_each(|(k, v)| record(child(key, k.get_ref()), k.span().start, v.get_ref())),
+        DeValue::Array(items) => (items.iter().enumerate())
+            .for_each(|(i, v)| record(format!("{key}[{i}]"), v.span().start, v.get_ref())),
+        _ => {}
     }
 }
 
@@ -748,10 +746,8 @@ impl Ctx<'_> {
         let message = message.trim_end_matches(&format!(" for key `{key}`"));
         let key = canonical(&key);
         // serde's `deny_unknown_fields` message: "unknown field `x`, expected one of `a`, `b`".
-        if let Some((field, known)) = message
-            .strip_prefix("unknown field `")
-            .and_then(|rest| rest.split_once("`, expected "))
-        {
+        let unknown = message.strip_prefix("unknown field `");
+        if let Some((field, known)) = unknown.and_then(|rest| rest.split_once("`, expected ")) {
             let known = known.trim_start_matches("one of ").replace('`', "");
             let at = self.at(&child(&key, field));
             return ConfigError::UnknownKey { at, known };
@@ -906,9 +902,8 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
 
 fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, ConfigError> {
     if pools.is_empty() {
-        return Err(ConfigError::NoPools {
-            origin: ctx.origin("pools"),
-        });
+        let origin = ctx.origin("pools");
+        return Err(ConfigError::NoPools { origin });
     }
     if pools.len() > CONFIG_POOLS_MAX {
         return Err(ConfigError::OutOfRange {
