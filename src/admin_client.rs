@@ -356,6 +356,18 @@ pub async fn send_command(config: &Config, request: &Request) -> Result<Outcome,
     result
 }
 
+/// `queue.declare` of `queue` on `channel` with `options` and no arguments, within `op_ms`.
+async fn declare(
+    what: &'static str,
+    op_ms: u64,
+    channel: &lapin::Channel,
+    queue: &str,
+    options: QueueDeclareOptions,
+) -> Result<lapin::Queue, AmqpError> {
+    let declare = channel.queue_declare(queue.into(), options, FieldTable::default());
+    timed(what, op_ms, declare).await
+}
+
 async fn exchange(
     link: &amqp::Link,
     config: &Config,
@@ -367,20 +379,12 @@ async fn exchange(
     // The admin queue must exist (the worker declares it at start): a passive declare on the
     // lock channel, which a refusal closes without harm. NOT_FOUND stops here; any other
     // refusal (a user without rights to declare it) only loses the consumer-count hint.
-    let consumers = match timed(
-        "queue.declare (passive, admin queue)",
-        op_ms,
-        link.lock.queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await
-    {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let what = "queue.declare (passive, admin queue)";
+    let consumers = match declare(what, op_ms, &link.lock, queue, passive).await {
         Ok(q) => Some(q.consumer_count()),
         Err(AmqpError::Broker { error, .. }) if error.to_string().contains("NOT_FOUND") => {
             return Err(AmqpError::Session(format!(
@@ -391,20 +395,13 @@ async fn exchange(
         Err(e) => return Err(e),
     };
     // The private reply queue, consumed before publishing so the reply cannot be missed.
-    let reply_queue = timed(
-        "queue.declare (reply)",
-        op_ms,
-        link.consume.queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        ),
-    )
-    .await?;
+    let private = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let what = "queue.declare (reply)";
+    let reply_queue = declare(what, op_ms, &link.consume, "", private).await?;
     let reply_name: ShortString = reply_queue.name().clone();
     let mut replies = timed(
         "basic.consume (reply)",

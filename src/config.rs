@@ -90,6 +90,11 @@ items = [{ id = "gold", quantity = 10 }, { id = "silver", quantity = 100 },
          { id = "bronze", quantity = 1000 }]
 "#;
 
+/// Why the admin queue's and the routing exchange's names are bounded below the broker's limit:
+/// the names the worker makes of them.
+const ADMIN_DLX: &str = ", to leave room for its dead-letter exchange \"<admin_queue>.dlx\"";
+const POOL_LOCKS: &str = ", to leave room for the pool locks \"<exchange>.pool.<pool id>.lock\"";
+
 /// Integer keys (`[]`: any index) and their bounds, inclusive. A new integer key adds a line.
 #[rustfmt::skip]
 const INTS: &[(&str, i128, i128)] = &[
@@ -332,17 +337,14 @@ pub struct Location {
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let id = |id: &Option<String>, what| id.as_ref().map(|id| format!("{what}{id:?}"));
-        let pool = id(&self.pool_id, "; pool ").unwrap_or_default();
-        let item = id(&self.item_id, ", item ").unwrap_or_default();
-        match self.key.contains('[') {
-            true => write!(
-                f,
-                "`{}` (indices 0-based{pool}{item}){}",
-                self.key, self.origin
-            ),
-            false => write!(f, "`{}`{}", self.key, self.origin),
+        write!(f, "`{}`", self.key)?;
+        if self.key.contains('[') {
+            let id = |id: &Option<String>, what| id.as_ref().map(|id| format!("{what}{id:?}"));
+            let pool = id(&self.pool_id, "; pool ").unwrap_or_default();
+            let item = id(&self.item_id, ", item ").unwrap_or_default();
+            write!(f, " (indices 0-based{pool}{item})")?;
         }
+        write!(f, "{}", self.origin)
     }
 }
 
@@ -409,15 +411,14 @@ impl Config {
         let mut env = Vec::new();
         for (name, value) in std::env::vars_os() {
             // Variables with non-Unicode names cannot be ours.
-            let ours = |name: &&str| name.to_lowercase().starts_with(&ENV_PREFIX.to_lowercase());
-            let Some(var) = name.to_str().filter(ours).map(str::to_owned) else {
+            let Some(var) = name.into_string().ok().filter(|var| env_key(var).is_some()) else {
                 continue;
             };
-            let error = |_| ConfigError::Env {
+            let value = value.into_string().map_err(|_| ConfigError::Env {
                 var: var.clone(),
                 message: "value is not valid Unicode".to_owned(),
-            };
-            env.push((var.clone(), value.into_string().map_err(error)?));
+            })?;
+            env.push((var, value));
         }
         Self::load_with_env(file, &env)
     }
@@ -433,19 +434,19 @@ impl Config {
             message: redact_secrets(&error.to_string()),
         };
         let toml = |text| config::File::from_str(text, config::FileFormat::Toml);
-        let layered = config::Config::builder()
+        let mut tree: Value = config::Config::builder()
             .add_source(toml(DEFAULTS_TOML))
             .add_source(toml(text))
             .build()
+            .and_then(config::Config::try_deserialize)
             .map_err(|e| load_error(&e))?;
-        let mut tree: Value = layered.try_deserialize().map_err(|e| load_error(&e))?;
         let env = apply_env(&mut tree, env)?;
         let ids = tree.clone();
         let ctx = Ctx {
             file: file.as_ref(),
             env,
             tree: Some(&ids),
-            raw: None,
+            ..Ctx::default()
         };
         check_ints(&ctx, &mut tree, "")?;
         // `config`'s deserializer, for the key of every value serde rejects.
@@ -495,18 +496,16 @@ impl SourceFile {
 
 /// The line of every key and array entry under `value`, by key path.
 fn record_lines(text: &str, value: &DeValue<'_>, key: &str, lines: &mut HashMap<String, usize>) {
-    let entries: Vec<(String, usize, &DeValue<'_>)> = match value {
-        DeValue::Table(table) => (table.iter())
-            .map(|(k, v)| (child(key, k.get_ref()), k.span().start, v.get_ref()))
-            .collect(),
-        DeValue::Array(items) => (items.iter().enumerate())
-            .map(|(i, v)| (format!("{key}[{i}]"), v.span().start, v.get_ref()))
-            .collect(),
-        _ => return,
-    };
-    for (key, start, value) in entries {
+    let mut record = |key: String, start: usize, value: &DeValue<'_>| {
         lines.insert(key.clone(), line_at(text, start));
         record_lines(text, value, &key, lines);
+    };
+    match value {
+        DeValue::Table(table) => (table.iter())
+            .for_each(|(k, v)| record(child(key, k.get_ref()), k.span().start, v.get_ref())),
+        DeValue::Array(items) => (items.iter().enumerate())
+            .for_each(|(i, v)| record(format!("{key}[{i}]"), v.span().start, v.get_ref())),
+        _ => {}
     }
 }
 
@@ -552,9 +551,7 @@ fn apply_env(
     };
     let mut vars: Vec<(Vec<_>, &String, &String)> = (env.iter())
         .filter_map(|(name, value)| {
-            let lower = name.to_lowercase();
-            let rest = lower.strip_prefix(&ENV_PREFIX.to_lowercase())?;
-            Some((rest.split("__").map(level).collect(), name, value))
+            Some((env_key(name)?.split("__").map(level).collect(), name, value))
         })
         .collect();
     vars.sort();
@@ -618,6 +615,11 @@ fn apply_env(
     Ok(set)
 }
 
+/// What follows [`ENV_PREFIX`] (in any case) in a variable name, lowercased; `None`: not ours.
+fn env_key(var: &str) -> Option<String> {
+    (var.to_lowercase().strip_prefix(&ENV_PREFIX.to_lowercase())).map(str::to_owned)
+}
+
 fn env_usage(key: &str) -> String {
     match key.starts_with("pools") {
         true => "pools can be overridden only key by key, as REWARDPOOL__POOLS__<i>__ID, \
@@ -630,7 +632,8 @@ fn env_usage(key: &str) -> String {
 
 /// Every key of [`INTS`] under `value`: an integer (or decimal string, made one) in bounds.
 fn check_ints(ctx: &Ctx<'_>, value: &mut Value, key: &str) -> Result<(), ConfigError> {
-    let Some(&(_, min, max)) = INTS.iter().find(|(int, ..)| *int == shape(key)) else {
+    let shape = shape(key);
+    let Some(&(_, min, max)) = INTS.iter().find(|(int, ..)| *int == shape) else {
         return match value {
             Value::Object(table) => (table.iter_mut())
                 .try_for_each(|(name, value)| check_ints(ctx, value, &child(key, name))),
@@ -640,7 +643,7 @@ fn check_ints(ctx: &Ctx<'_>, value: &mut Value, key: &str) -> Result<(), ConfigE
         };
     };
     let number = match &*value {
-        Value::Number(n) => n.as_i64().map(i128::from).or(n.as_u64().map(i128::from)),
+        Value::Number(n) => n.as_i128(),
         Value::String(text) => text.parse::<i128>().ok(),
         Value::Null => return Ok(()),
         _ => None,
@@ -656,11 +659,9 @@ fn check_ints(ctx: &Ctx<'_>, value: &mut Value, key: &str) -> Result<(), ConfigE
         return Err(ConfigError::BadValue { at, message });
     };
     if !(min..=max).contains(&number) {
-        let what = key.rsplit('.').next().unwrap_or(key).to_owned();
-        let at = ctx.at(key);
         return Err(ConfigError::OutOfRange {
-            at,
-            what,
+            at: ctx.at(key),
+            what: key.rsplit('.').next().unwrap_or(key).to_owned(),
             value: number,
             min,
             max,
@@ -672,6 +673,7 @@ fn check_ints(ctx: &Ctx<'_>, value: &mut Value, key: &str) -> Result<(), ConfigE
 }
 
 /// Where the values of a load came from, and the ids to name in errors.
+#[derive(Default)]
 struct Ctx<'a> {
     file: Option<&'a SourceFile>,
     /// Key → environment variable that set it.
@@ -693,14 +695,9 @@ impl Ctx<'_> {
         // A pool or an item as a whole: the line of its id; in pools, else the nearest
         // enclosing key in the file (an entry may come from the environment, or lack the key).
         let in_pools = key.starts_with("pools");
-        let id = key
-            .ends_with(']')
-            .then(|| file.lines.get(&child(key, "id")));
-        let mut up = std::iter::successors(Some(key), |key| parent(key).filter(|_| in_pools));
-        match id
-            .flatten()
-            .or_else(|| up.find_map(|key| file.lines.get(key)))
-        {
+        let id = key.ends_with(']').then(|| child(key, "id"));
+        let up = std::iter::successors(Some(key), |key| parent(key).filter(|_| in_pools));
+        match (id.as_deref().into_iter().chain(up)).find_map(|key| file.lines.get(key)) {
             None if !in_pools => Origin::Default,
             line => Origin::File {
                 path: file.path.clone(),
@@ -711,12 +708,10 @@ impl Ctx<'_> {
 
     /// The location of `key`, with the ids of its pool and item.
     fn at(&self, key: &str) -> Box<Location> {
-        let mut indices = (key.split('[').skip(1))
+        // `pools[p].items[i]...`: p and i.
+        let mut indices = (key.split('[').skip(1).filter(|_| key.starts_with("pools[")))
             .filter_map(|rest| rest.split(']').next()?.parse::<usize>().ok());
-        let (pool, item) = match key.starts_with("pools[") {
-            true => (indices.next(), indices.next()),
-            false => (None, None),
-        };
+        let (pool, item) = (indices.next(), indices.next());
         let id = |item: Option<usize>| -> Option<&str> {
             let Some(tree) = self.tree else {
                 let pool = self.raw?.pools.get(pool?)?;
@@ -751,10 +746,8 @@ impl Ctx<'_> {
         let message = message.trim_end_matches(&format!(" for key `{key}`"));
         let key = canonical(&key);
         // serde's `deny_unknown_fields` message: "unknown field `x`, expected one of `a`, `b`".
-        if let Some((field, known)) = message
-            .strip_prefix("unknown field `")
-            .and_then(|rest| rest.split_once("`, expected "))
-        {
+        let unknown = message.strip_prefix("unknown field `");
+        if let Some((field, known)) = unknown.and_then(|rest| rest.split_once("`, expected ")) {
             let known = known.trim_start_matches("one of ").replace('`', "");
             let at = self.at(&child(&key, field));
             return ConfigError::UnknownKey { at, known };
@@ -772,10 +765,8 @@ impl RawConfig {
     /// paths and ids but no origin (a loaded configuration gets those from [`Config::load`]).
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let ctx = Ctx {
-            file: None,
-            env: BTreeMap::new(),
-            tree: None,
             raw: Some(self),
+            ..Ctx::default()
         };
         let mut sections = serde_json::json!({ "amqp": self.amqp, "storage": self.storage });
         check_ints(&ctx, &mut sections, "")?;
@@ -827,12 +818,12 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
     let mut problems: Vec<(String, Option<String>)> = Vec::new();
     let mut check = |key: &str, problem: Option<String>| problems.push((key.to_owned(), problem));
     let scheme = match amqp.url.split_once("://") {
-        Some((scheme, _)) => format!("scheme {:?}", shorten(scheme)),
-        None => "no scheme".to_owned(),
+        Some(("amqp" | "amqps", _)) => None,
+        Some((scheme, _)) => Some(format!("scheme {:?}", shorten(scheme))),
+        None => Some("no scheme".to_owned()),
     };
-    let url_ok = amqp.url.starts_with("amqp://") || amqp.url.starts_with("amqps://");
-    let url = format!("url must start with amqp:// or amqps:// (got {scheme})");
-    check("amqp.url", (!url_ok).then_some(url));
+    let url = scheme.map(|got| format!("url must start with amqp:// or amqps:// (got {got})"));
+    check("amqp.url", url);
     let queues = [
         ("amqp.request_queue", &amqp.request_queue),
         ("amqp.result_queue", &amqp.result_queue),
@@ -845,36 +836,27 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
             let name = shorten(name);
             format!("queue name {name:?} is also used by {other}; the queues must differ")
         });
-        let dlx_room_bytes = bytes_max - ".dlx".len();
-        let admin_dlx = (*key == "amqp.admin_queue" && name.len() > dlx_room_bytes).then(|| {
-            format!("too long for its dead-letter exchange \"<admin_queue>.dlx\" (at most {dlx_room_bytes} bytes)")
-        });
-        check(
-            key,
-            amqp_name_problem(name, "queue name").or(twin).or(admin_dlx),
-        );
+        let (max, why) = match *key {
+            "amqp.admin_queue" => (bytes_max - ".dlx".len(), ADMIN_DLX),
+            _ => (bytes_max, ""),
+        };
+        let problem = amqp_name_problem(name, "queue name", max, why);
+        check(key, problem.or(twin));
     }
-    let (dlx, exchange) = (&amqp.dead_letter_exchange, &amqp.exchange);
-    let derived = format!(
-        "the derived name \"<request_queue>.dlx\" is longer than {bytes_max} bytes; set amqp.dead_letter_exchange"
-    );
-    let derived = (amqp.dead_letter_exchange_name().len() > bytes_max).then_some(derived);
-    let dlx = match dlx.is_empty() {
-        true => derived,
-        false => amqp_name_problem(dlx, "exchange name"),
+    let dlx = match amqp.dead_letter_exchange.as_str() {
+        "" => (amqp.dead_letter_exchange_name().len() > bytes_max).then(|| format!(
+            "the derived name \"<request_queue>.dlx\" is longer than {bytes_max} bytes; set amqp.dead_letter_exchange"
+        )),
+        dlx => amqp_name_problem(dlx, "exchange name", bytes_max, ""),
     };
     check("amqp.dead_letter_exchange", dlx);
     // The worker also declares, per pool, the lock queue `<exchange>.pool.<pool id>.lock`.
     let room_bytes = bytes_max - ".pool.".len() - ID_BYTES_MAX - ".lock".len();
-    let locks = format!(
-        "exchange name is too long for the pool locks \"<exchange>.pool.<pool id>.lock\" (at most {room_bytes} bytes)"
-    );
-    let locks = (exchange.len() > room_bytes).then_some(locks);
-    let exchange_problem = amqp_name_problem(exchange, "exchange name").or(locks);
-    check(
-        "amqp.exchange",
-        exchange_problem.filter(|_| !exchange.is_empty()),
-    );
+    let exchange = match amqp.exchange.as_str() {
+        "" => None,
+        exchange => amqp_name_problem(exchange, "exchange name", room_bytes, POOL_LOCKS),
+    };
+    check("amqp.exchange", exchange);
     for (index, pool) in amqp.released_pools.iter().enumerate() {
         let rule = crate::seed::check_id(crate::seed::IdKind::Pool, pool).err();
         let twice = amqp.released_pools[..index].contains(pool);
@@ -891,25 +873,16 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
         "reconnect_backoff_min_ms ({min_ms}) is greater than reconnect_backoff_max_ms ({max_ms})"
     );
     // Point at the key the operator set, not at a default.
-    let default = ctx.origin("amqp.reconnect_backoff_min_ms") == Origin::Default;
-    let backoff_key = [
-        "amqp.reconnect_backoff_min_ms",
-        "amqp.reconnect_backoff_max_ms",
-    ];
-    check(
-        backoff_key[usize::from(default)],
-        (min_ms > max_ms).then_some(backoff),
-    );
+    let backoff_key = match ctx.origin("amqp.reconnect_backoff_min_ms") {
+        Origin::Default => "amqp.reconnect_backoff_max_ms",
+        _ => "amqp.reconnect_backoff_min_ms",
+    };
+    check(backoff_key, (min_ms > max_ms).then_some(backoff));
     let data_dir = raw.storage.data_dir.as_os_str().is_empty();
     let data_dir = data_dir.then(|| "data_dir must not be empty".to_owned());
     check("storage.data_dir", data_dir);
     for (index, user) in raw.admin.allowed_users.iter().enumerate() {
-        let bytes = user.len();
-        let problem = match bytes {
-            0 => Some("a user name must not be empty".to_owned()),
-            _ => (bytes > bytes_max)
-                .then(|| format!("user name is {bytes} bytes long, at most {bytes_max} allowed")),
-        };
+        let problem = name_problem(user, "user name", bytes_max, "");
         check(&format!("admin.allowed_users[{index}]"), problem);
     }
     let listen = &raw.metrics.listen;
@@ -920,31 +893,23 @@ fn validate_sections(ctx: &Ctx<'_>, raw: &RawConfig) -> Result<(), ConfigError> 
     );
     check("metrics.listen", bad_listen.then_some(listen));
     let mut problems = problems.into_iter();
-    match problems.find_map(|(key, problem)| Some((key, problem?))) {
-        Some((key, reason)) => Err(ConfigError::InvalidValue {
-            at: ctx.at(&key),
-            reason,
-        }),
-        None => Ok(()),
-    }
+    let Some((key, reason)) = problems.find_map(|(key, problem)| Some((key, problem?))) else {
+        return Ok(());
+    };
+    let at = ctx.at(&key);
+    Err(ConfigError::InvalidValue { at, reason })
 }
 
 fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, ConfigError> {
     if pools.is_empty() {
-        return Err(ConfigError::NoPools {
-            origin: ctx.origin("pools"),
-        });
+        let origin = ctx.origin("pools");
+        return Err(ConfigError::NoPools { origin });
     }
     if pools.len() > CONFIG_POOLS_MAX {
-        let (at, what, value) = (
-            ctx.at("pools"),
-            "number of pools".to_owned(),
-            pools.len() as _,
-        );
         return Err(ConfigError::OutOfRange {
-            at,
-            what,
-            value,
+            at: ctx.at("pools"),
+            what: "number of pools".to_owned(),
+            value: pools.len() as _,
             min: 1,
             max: CONFIG_POOLS_MAX as _,
         });
@@ -954,13 +919,10 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
         rule,
         first: first.map(|first| ctx.at(&first)),
     };
+    let pool_id = |p: usize| format!("pools[{p}].id");
     let ids = pools.iter().map(|pool| pool.id.as_str());
     if let Err((index, first, e)) = crate::seed::check_unique_pool_ids(ids) {
-        return Err(rule(
-            format!("pools[{index}].id"),
-            e,
-            Some(format!("pools[{first}].id")),
-        ));
+        return Err(rule(pool_id(index), e, Some(pool_id(first))));
     }
     let mut seeds = Vec::with_capacity(pools.len());
     for (p, pool) in pools.iter().enumerate() {
@@ -981,18 +943,12 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
         if let Err((item, error)) = crate::seed::check_pool(&seed) {
             let (key, first) = match (&error, item) {
                 (RuleError::DuplicateItemId { .. }, Some(i)) => {
-                    let first = pool
-                        .items
-                        .iter()
-                        .position(|item| item.id == pool.items[i].id);
-                    (
-                        format!("{items}[{i}].id"),
-                        first.map(|f| format!("{items}[{f}].id")),
-                    )
+                    let id = &pool.items[i].id;
+                    let first = pool.items.iter().position(|item| &item.id == id);
+                    let item_id = |i| format!("{items}[{i}].id");
+                    (item_id(i), first.map(item_id))
                 }
-                (RuleError::EmptyId { .. } | RuleError::LongId { .. }, None) => {
-                    (format!("pools[{p}].id"), None)
-                }
+                (RuleError::EmptyId { .. } | RuleError::LongId { .. }, None) => (pool_id(p), None),
                 (_, Some(i)) => (format!("{items}[{i}]"), None),
                 (_, None) => (format!("pools[{p}]"), None),
             };
@@ -1003,20 +959,23 @@ fn validate_pools(ctx: &Ctx<'_>, pools: &[RawPool]) -> Result<Vec<PoolSeed>, Con
     Ok(seeds)
 }
 
-/// Why `name` is not a valid queue/exchange name, if it is not.
-fn amqp_name_problem(name: &str, what: &str) -> Option<String> {
-    let (bytes, bytes_max) = (name.len(), AMQP_NAME_BYTES_MAX);
-    let reserved = format!(
-        "{what} {:?} starts with \"amq.\", which the broker reserves",
-        shorten(name)
-    );
-    match bytes {
+/// Why `name` (`what`: "user name", ...) is not valid, if it is not: empty or longer than
+/// `bytes_max` (`why`: what a bound below the broker's leaves room for, or "").
+fn name_problem(name: &str, what: &str, bytes_max: usize, why: &str) -> Option<String> {
+    match name.len() {
         0 => Some(format!("{what} must not be empty")),
-        _ if bytes > bytes_max => Some(format!(
-            "{what} is {bytes} bytes long, at most {bytes_max} allowed"
-        )),
-        _ => name.starts_with("amq.").then_some(reserved),
+        bytes => (bytes > bytes_max)
+            .then(|| format!("{what} is {bytes} bytes long, at most {bytes_max} allowed{why}")),
     }
+}
+
+/// [`name_problem`] for a queue or exchange name, which also must not start with "amq.".
+fn amqp_name_problem(name: &str, what: &str, bytes_max: usize, why: &str) -> Option<String> {
+    let reserved = || {
+        let name = shorten(name);
+        format!("{what} {name:?} starts with \"amq.\", which the broker reserves")
+    };
+    name_problem(name, what, bytes_max, why).or_else(|| name.starts_with("amq.").then(reserved))
 }
 
 /// A copy of `text` for a message: no password, not too long.
@@ -2230,6 +2189,27 @@ weight = 0
         assert_contains(
             &message,
             &["amqp.exchange", "pool locks", &fits.to_string()],
+        );
+    }
+
+    #[test]
+    fn the_admin_queue_leaves_room_for_its_dead_letter_exchange_and_user_names_are_bounded() {
+        let mut config = RawConfig::from(&Config::builtin());
+        config.amqp.admin_queue = "a".repeat(AMQP_NAME_BYTES_MAX - ".dlx".len());
+        config.validate().expect("<admin_queue>.dlx fits");
+        config.amqp.admin_queue.push('a');
+        let message = config.validate().expect_err("too long").to_string();
+        assert_eq!(
+            message,
+            "`amqp.admin_queue`: queue name is 252 bytes long, at most 251 allowed, to leave room \
+             for its dead-letter exchange \"<admin_queue>.dlx\""
+        );
+        let mut config = RawConfig::from(&Config::builtin());
+        config.admin.allowed_users = vec!["u".repeat(AMQP_NAME_BYTES_MAX + 1)];
+        let message = config.validate().expect_err("too long").to_string();
+        assert_contains(
+            &message,
+            &["`admin.allowed_users[0]`", "256 bytes long, at most 255"],
         );
     }
 

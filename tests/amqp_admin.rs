@@ -81,16 +81,37 @@ fn assert_accounting(inspect: &Value) {
     }
 }
 
-/// Publishes one draw request (message_id `mid`, correlation `mid`) to the request queue.
-async fn draw(producer: &mut Producer, setup: &Setup, reply_to: &str, mid: &str, body: &str) {
-    producer
-        .publish(
-            &setup.names.request,
-            body.as_bytes(),
-            request_props(Some(mid), Some(reply_to), Some(mid)),
-        )
-        .await;
-    producer.flush().await;
+/// Draw requests to the request queue, their results on a reply queue of their own.
+struct Draws<'a> {
+    setup: &'a Setup,
+    replies: Collector,
+    producer: Producer,
+}
+
+impl<'a> Draws<'a> {
+    async fn new(conn: &lapin::Connection, setup: &'a Setup) -> Draws<'a> {
+        let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
+        let producer = Producer::new(conn).await;
+        Draws {
+            setup,
+            replies,
+            producer,
+        }
+    }
+
+    /// Publishes one draw request (message_id `mid`, correlation `mid`), confirmed.
+    async fn draw(&mut self, mid: &str, body: &str) {
+        let props = request_props(Some(mid), Some(&self.replies.queue), Some(mid));
+        let queue = &self.setup.names.request;
+        self.producer.publish(queue, body.as_bytes(), props).await;
+        self.producer.flush().await;
+    }
+
+    /// Draws and waits for the result.
+    async fn result(&mut self, mid: &str, body: &str) -> Value {
+        self.draw(mid, body).await;
+        result_of(&self.replies, mid).await
+    }
 }
 
 /// The result on `replies` whose correlation_id is `mid` (waits).
@@ -256,64 +277,28 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
         .await;
 
     // Draws see every applied command: the added pools serve, the closed one answers closed.
-    let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
-    let mut producer = Producer::new(&conn).await;
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-1",
-        r#"{"pool":"xmas","count":5}"#,
-    )
-    .await;
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-2",
-        r#"{"pool":"default"}"#,
-    )
-    .await;
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-3",
-        r#"{"pool":"gift","count":3}"#,
-    )
-    .await;
-    let d1 = result_of(&replies, "d-1").await;
+    let mut draws = Draws::new(&conn, &setup).await;
+    draws.draw("d-1", r#"{"pool":"xmas","count":5}"#).await;
+    draws.draw("d-2", r#"{"pool":"default"}"#).await;
+    draws.draw("d-3", r#"{"pool":"gift","count":3}"#).await;
+    let d1 = result_of(&draws.replies, "d-1").await;
     assert_eq!(d1["status"], "won");
     assert_eq!(d1["items"], json!(["elf", "elf", "elf", "elf", "elf"]));
-    let d2 = result_of(&replies, "d-2").await;
+    let d2 = result_of(&draws.replies, "d-2").await;
     assert_eq!(
         (d2["status"].clone(), d2["items"].clone()),
         (json!("closed"), json!([]))
     );
-    let d3 = result_of(&replies, "d-3").await;
+    let d3 = result_of(&draws.replies, "d-3").await;
     assert_eq!(d3["status"], "won");
     admin
         .applied(r#"{"op":"open_pool","pool":"default"}"#, "raw-5")
         .await;
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-4",
-        r#"{"pool":"default"}"#,
-    )
-    .await;
-    assert_eq!(result_of(&replies, "d-4").await["status"], "won");
+    let d4 = draws.result("d-4", r#"{"pool":"default"}"#).await;
+    assert_eq!(d4["status"], "won");
     // A repeat of the closed draw after the pool opened: still the first outcome.
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-2",
-        r#"{"pool":"default"}"#,
-    )
-    .await;
-    replies
+    draws.draw("d-2", r#"{"pool":"default"}"#).await;
+    (draws.replies)
         .wait_for("two results of d-2", Duration::from_secs(60), |m| {
             m.iter()
                 .filter(|m| m.kind() == Some("result") && m.correlation_id() == Some("d-2"))
@@ -321,7 +306,7 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
                 >= 2
         })
         .await;
-    for m in replies
+    for m in (draws.replies)
         .messages()
         .iter()
         .filter(|m| m.kind() == Some("result") && m.correlation_id() == Some("d-2"))
@@ -424,24 +409,10 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
         before["pools"],
         "a restart changed the state"
     );
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-5",
-        r#"{"pool":"gift"}"#,
-    )
-    .await;
-    assert_eq!(result_of(&replies, "d-5").await["status"], "won");
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "d-6",
-        r#"{"pool":"xmas"}"#,
-    )
-    .await;
-    assert_eq!(result_of(&replies, "d-6").await["status"], "empty");
+    let d5 = draws.result("d-5", r#"{"pool":"gift"}"#).await;
+    assert_eq!(d5["status"], "won");
+    let d6 = draws.result("d-6", r#"{"pool":"xmas"}"#).await;
+    assert_eq!(d6["status"], "empty");
     // A repeat across the restart: the first reply, nothing applied.
     let v2 = admin
         .applied(
@@ -462,7 +433,7 @@ async fn every_op_applies_through_the_cli_and_a_raw_client_and_survives_a_restar
         0,
         "nothing dead-lettered"
     );
-    drop((admin, replies));
+    drop((admin, draws));
     setup.names.delete(&conn).await;
 }
 
@@ -649,17 +620,8 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
 
     // Draws and commands keep their message_ids apart (the engine's two windows): a command
     // may reuse a draw's id and a draw a command's, each applied once in its own kind.
-    let replies = Collector::reply_queue(&setup.names.extra("draw-replies")).await;
-    let mut producer = Producer::new(&conn).await;
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "shared-1",
-        r#"{"pool":"default"}"#,
-    )
-    .await;
-    let first = result_of(&replies, "shared-1").await;
+    let mut draws = Draws::new(&conn, &setup).await;
+    let first = draws.result("shared-1", r#"{"pool":"default"}"#).await;
     let command = admin
         .applied(
             r#"{"op":"restock","pool":"default","item":"gold","add":1}"#,
@@ -667,15 +629,7 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
         )
         .await;
     assert_ne!(command["request_id"], first["request_id"]);
-    draw(
-        &mut producer,
-        &setup,
-        &replies.queue,
-        "retry-1",
-        r#"{"pool":"spin"}"#,
-    )
-    .await;
-    let drawn = result_of(&replies, "retry-1").await;
+    let drawn = draws.result("retry-1", r#"{"pool":"spin"}"#).await;
     assert_ne!(drawn["request_id"], applied["request_id"]);
     worker.assert_running();
 
@@ -713,7 +667,7 @@ async fn bad_commands_are_rejected_dead_lettered_and_change_nothing() {
         "a rejected command changed spin"
     );
     assert_eq!(after["pools"].as_array().unwrap().len(), 2);
-    drop((admin, replies));
+    drop((admin, draws));
     setup.names.delete(&conn).await;
 }
 
