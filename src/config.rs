@@ -482,23 +482,31 @@ impl SourceFile {
                 error,
             },
         })?;
+        // Once per file: a line is then a binary search, not a count from the start.
+        let newlines: Vec<usize> = text.match_indices('\n').map(|(at, _)| at).collect();
         let document = toml::de::DeTable::parse(&text).map_err(|error| ConfigError::Syntax {
             path: path.clone(),
-            line: error.span().map(|span| line_at(&text, span.start)),
+            line: error.span().map(|span| line_at(&newlines, span.start)),
             message: redact_secrets(error.message()),
         })?;
         let mut lines = HashMap::new();
         let root = DeValue::Table(document.into_inner());
-        record_lines(&text, &root, "", &mut lines);
+        record_lines(&newlines, &root, "", &mut lines);
         Ok(SourceFile { path, text, lines })
     }
 }
 
-/// The line of every key and array entry under `value`, by key path.
-fn record_lines(text: &str, value: &DeValue<'_>, key: &str, lines: &mut HashMap<String, usize>) {
+/// The line of every key and array entry under `value`, by key path (`newlines`: the byte
+/// offsets of the file's newlines).
+fn record_lines(
+    newlines: &[usize],
+    value: &DeValue<'_>,
+    key: &str,
+    lines: &mut HashMap<String, usize>,
+) {
     let mut record = |key: String, start: usize, value: &DeValue<'_>| {
-        lines.insert(key.clone(), line_at(text, start));
-        record_lines(text, value, &key, lines);
+        lines.insert(key.clone(), line_at(newlines, start));
+        record_lines(newlines, value, &key, lines);
     };
     match value {
         DeValue::Table(table) => (table.iter())
@@ -509,9 +517,9 @@ fn record_lines(text: &str, value: &DeValue<'_>, key: &str, lines: &mut HashMap<
     }
 }
 
-/// The 1-based line of a byte offset.
-fn line_at(text: &str, offset: usize) -> usize {
-    1 + text[..offset.min(text.len())].matches('\n').count()
+/// The 1-based line of a byte offset: 1 + the newlines before it (`newlines`: ascending).
+fn line_at(newlines: &[usize], offset: usize) -> usize {
+    1 + newlines.partition_point(|&newline| newline < offset)
 }
 
 fn child(parent: &str, key: &str) -> String {
@@ -1229,6 +1237,52 @@ weight = 0
                 "indices 0-based",
                 "pool \"p\", item \"b\"",
                 &format!("{} line 12", path.display()),
+                "greater than 0, got 0",
+            ],
+        );
+    }
+
+    /// A file of one by_weight pool of `count` items, one item a line (item i on line 5 + i),
+    /// the last one with `last` for its weight.
+    fn large_pool_file(count: usize, last: i64) -> String {
+        let mut text = String::from("[[pools]]\nid = \"large\"\nmode = \"by_weight\"\nitems = [\n");
+        for i in 0..count {
+            let weight = if i + 1 == count { last } else { i as i64 + 1 };
+            text.push_str(&format!(
+                "  {{ id = \"item{i}\", quantity = {i}, weight = {weight} }},\n"
+            ));
+        }
+        text.push_str("]\n");
+        text
+    }
+
+    /// A large pool loads through the normal path (file, spans, lines, validation) with every
+    /// item intact, and an error on its last item still names the exact line. (Recording the
+    /// lines used to count newlines from the start of the file for every key: quadratic.)
+    #[test]
+    fn a_pool_of_fifty_thousand_items_loads_and_reports_exact_lines() {
+        const COUNT: usize = 50_000;
+        let (_, result) = load_text(&large_pool_file(COUNT, COUNT as i64));
+        let config = result.expect("a large pool loads");
+        let pool = config.pool("large").expect("the large pool");
+        assert_eq!((pool.mode, pool.items.len()), (Mode::ByWeight, COUNT));
+        for (i, item) in pool.items.iter().enumerate() {
+            let expected = (
+                format!("item{i}"),
+                Stock::Limited(i as u64),
+                Some(i as u64 + 1),
+            );
+            assert_eq!((item.id.clone(), item.stock, item.weight), expected);
+        }
+
+        let (path, _, message) = error_of(&large_pool_file(COUNT, 0));
+        let last = COUNT - 1;
+        assert_contains(
+            &message,
+            &[
+                &format!("`pools[0].items[{last}].weight`"),
+                &format!("pool \"large\", item \"item{last}\""),
+                &format!("{} line {}", path.display(), 5 + last),
                 "greater than 0, got 0",
             ],
         );
