@@ -31,7 +31,7 @@ use crate::limits::{
     SNAPSHOT_EVERY_RECORDS_MAX, TIMEOUT_MS_MAX,
 };
 pub use crate::seed::{Mode, PoolSeed, SeedItem, Stock};
-use crate::seed::{RuleError, shorten as shorten_plain};
+use crate::seed::{RuleError, redact_secrets, shorten};
 
 /// Prefix of environment overrides; `__` also separates their levels.
 pub const ENV_PREFIX: &str = "REWARDPOOL__";
@@ -984,25 +984,6 @@ fn amqp_name_problem(name: &str, what: &str, bytes_max: usize, why: &str) -> Opt
         format!("{what} {name:?} starts with \"amq.\", which the broker reserves")
     };
     name_problem(name, what, bytes_max, why).or_else(|| name.starts_with("amq.").then(reserved))
-}
-
-/// A copy of `text` for a message: no password, not too long.
-fn shorten(text: &str) -> String {
-    shorten_plain(&redact_secrets(text))
-}
-
-/// Redacts every `scheme://user:password@` in free text (URLs, error messages, parser
-/// snippets): per whitespace-separated token, from the user's `:` to the token's last `@`, so a
-/// raw `/` or `@` in a password stays hidden too (over-redacting beats leaking).
-fn redact_secrets(text: &str) -> String {
-    let redact = |token: &str| {
-        let user = token.find("://")? + 3;
-        let (colon, at) = (user + token[user..].find(':')?, token.rfind('@')?);
-        (colon < at).then(|| format!("{}:***{}", &token[..colon], &token[at..]))
-    };
-    (text.split_inclusive(char::is_whitespace))
-        .map(|token| redact(token).unwrap_or_else(|| token.to_owned()))
-        .collect()
 }
 
 #[cfg(test)]
@@ -2224,6 +2205,64 @@ weight = 0
         let error = Config::load_with_env(None, &env(&vars)).expect_err("bad prefetch");
         assert!(!error.to_string().contains(SECRET), "{error}");
         assert!(!format!("{error:?}").contains(SECRET));
+    }
+
+    /// Asserts that not even a part (5 characters in a row) of `secret` is in `text`.
+    fn assert_no_part_of(secret: &str, text: &str) {
+        let chars: Vec<char> = secret.chars().collect();
+        for part in chars.windows(5).map(String::from_iter) {
+            assert!(!text.contains(&part), "{part:?} of the password in {text}");
+        }
+    }
+
+    /// A url with a password as the value of an enum-valued key, short or long enough to be
+    /// shortened in the message: no part of the password appears (the value is redacted before
+    /// it is shortened, else the cut can fall before the `@` that ends the password).
+    #[test]
+    fn no_part_of_a_password_appears_in_errors_on_enum_values_short_or_long() {
+        const PASSWORD: &str = "Hx7Qz2Wv9Kp4Lm6Nr8Bt3Jy5Fd1Gs0CuAe4Io8UyTrEwQaSdFgHjKlZxCvBnM";
+        let values = [
+            format!("amqp://user:{}@broker", &PASSWORD[..12]),
+            format!("amqp://user:{PASSWORD}@broker.example.com:5672/%2f"),
+            format!("amqps://u:{PASSWORD}@b"),
+        ];
+        for value in &values {
+            let texts = [
+                format!("[amqp]\nqueue_type = {value:?}\n"),
+                format!("[log]\nformat = {value:?}\n"),
+                pool_file(&format!(
+                    "[[pools]]\nid = \"p\"\nmode = {value:?}\nitems = [ {{ id = \"a\", quantity = 1 }} ]\n"
+                )),
+            ];
+            for text in &texts {
+                let (_, error, message) = error_of(text);
+                assert_contains(&message, &["must be \"", ", got \"amqp"]);
+                assert_no_part_of(PASSWORD, &message);
+                assert_no_part_of(PASSWORD, &format!("{error:?}"));
+            }
+            // The same keys from the environment.
+            for var in ["AMQP__QUEUE_TYPE", "LOG__FORMAT", "POOLS__0__MODE"] {
+                let vars = [(format!("{ENV_PREFIX}{var}"), value.clone())];
+                let error = Config::load_with_env(None, &vars).expect_err("bad enum value");
+                assert_no_part_of(PASSWORD, &error.to_string());
+                assert_no_part_of(PASSWORD, &format!("{error:?}"));
+            }
+            // A url as a pool or item id used twice: the rule's message quotes the id.
+            let pool = |id: &str, items: &str| {
+                format!("[[pools]]\nid = {id:?}\nmode = \"by_quantity\"\nitems = [ {items} ]\n")
+            };
+            let item = |id: &str| format!("{{ id = {id:?}, quantity = 1 }}");
+            let twice = [
+                pool(value, &item("a")).repeat(2),
+                pool("p", &format!("{}, {}", item(value), item(value))),
+            ];
+            for text in &twice {
+                let (_, error, message) = error_of(&pool_file(text));
+                assert_contains(&message, &["duplicate"]);
+                assert_no_part_of(PASSWORD, &message);
+                assert_no_part_of(PASSWORD, &format!("{error:?}"));
+            }
+        }
     }
 
     // --- helpers -------------------------------------------------------------------------------

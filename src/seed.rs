@@ -315,15 +315,32 @@ pub fn check_unique_pool_ids<'a>(
     Ok(())
 }
 
-/// A copy of `text` short enough for a message (ids and bad values can be long).
+/// A copy of `text` for a message: no password, and short enough (ids and bad values can be
+/// long). Redacted first, then cut: a cut before the `@` that ends a password would leave
+/// nothing for [`redact_secrets`] to find, and part of the password in the message.
 pub fn shorten(text: &str) -> String {
     const CHARS_MAX: usize = 48;
+    let text = redact_secrets(text);
     if text.chars().count() <= CHARS_MAX {
-        return text.to_owned();
+        return text;
     }
     let mut short: String = text.chars().take(CHARS_MAX).collect();
     short.push('…');
     short
+}
+
+/// Redacts every `scheme://user:password@` in free text (URLs, error messages, parser
+/// snippets): per whitespace-separated token, from the user's `:` to the token's last `@`, so a
+/// raw `/` or `@` in a password stays hidden too (over-redacting beats leaking).
+pub fn redact_secrets(text: &str) -> String {
+    let redact = |token: &str| {
+        let user = token.find("://")? + 3;
+        let (colon, at) = (user + token[user..].find(':')?, token.rfind('@')?);
+        (colon < at).then(|| format!("{}:***{}", &token[..colon], &token[at..]))
+    };
+    (text.split_inclusive(char::is_whitespace))
+        .map(|token| redact(token).unwrap_or_else(|| token.to_owned()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -428,5 +445,18 @@ mod tests {
             check_unique_pool_ids(["x", "y", "x"]),
             Err((2, 0, RuleError::DuplicatePoolId { id: "x".to_owned() }))
         );
+    }
+
+    #[test]
+    fn shorten_redacts_before_it_cuts() {
+        let password = "p".repeat(60);
+        let short = shorten(&format!(
+            "amqp://user:{password}@host/and/a/long/path/to/cut"
+        ));
+        assert_eq!(short, "amqp://user:***@host/and/a/long/path/to/cut");
+        let long = shorten(&format!("amqp://user:{password}@host/{}", "x".repeat(60)));
+        assert!(long.starts_with("amqp://user:***@host/x") && long.ends_with('…'));
+        assert_eq!(long.chars().count(), 49, "{long}");
+        assert_eq!(shorten("by_count"), "by_count");
     }
 }
