@@ -776,7 +776,13 @@ impl RawConfig {
             raw: Some(self),
             ..Ctx::default()
         };
-        let mut sections = serde_json::json!({ "amqp": self.amqp, "storage": self.storage });
+        // The tree of the integer keys, without data_dir: a path need not be UTF-8 (a JSON
+        // string must, and `json!` panics on one that is not); the rest always serializes.
+        let storage = StorageConfig {
+            data_dir: PathBuf::new(),
+            ..self.storage.clone()
+        };
+        let mut sections = serde_json::json!({ "amqp": self.amqp, "storage": storage });
         check_ints(&ctx, &mut sections, "")?;
         self.validate_in(&ctx)
     }
@@ -2104,6 +2110,26 @@ weight = 0
             config.validate(),
             Err(ConfigError::NoPools { .. })
         ));
+    }
+
+    /// A data_dir that is not UTF-8 (from `--data-dir`, or a config built in code) is a path
+    /// the worker can use: validate accepts it, keeps it as is and still checks the integers.
+    #[cfg(unix)]
+    #[test]
+    fn validate_accepts_a_data_dir_that_is_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let data_dir = PathBuf::from(std::ffi::OsStr::from_bytes(b"data-\xff\xfe"));
+        assert!(data_dir.to_str().is_none());
+        let mut config = RawConfig::from(&Config::builtin());
+        config.storage.data_dir = data_dir.clone();
+        let valid = config
+            .validate()
+            .expect("a data_dir that is not UTF-8 is valid");
+        assert_eq!(valid.storage, config.storage);
+        assert_eq!(valid.storage.data_dir, data_dir);
+        config.storage.dedupe_window = 0;
+        let message = config.validate().expect_err("out of range").to_string();
+        assert_contains(&message, &["`storage.dedupe_window`", "got 0"]);
     }
 
     // --- file errors -----------------------------------------------------------------------
