@@ -8,11 +8,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-/// Requests in the stream. The plan must not run out of them before its last step: the
-/// `AfterMoreResults` kills land some time after the results were seen, while the worker keeps
-/// going, and `wal.after_write:40` needs a backlog of at least 40 WAL batches left. With
-/// 12,000, a worker at ~5,000 requests/s had finished them all before that step.
+/// Requests published at the start. The plan must not run out of them before its last step:
+/// the `AfterMoreResults` kills land some time after the results were seen, while the worker
+/// keeps going, and a failpoint that counts WAL writes (`wal.after_write:20`) needs that many
+/// group commits still to come. How many requests a group commit holds depends on the worker's
+/// speed (a faster worker finished a fixed stream before the last failpoint, twice), so before
+/// each failpoint step the stream is topped up to at least `BACKLOG_MIN` unanswered requests.
 const M: usize = 24_000;
+/// Unanswered requests left before each failpoint step (at most 600 per WAL write of its count).
+const BACKLOG_MIN: usize = 12_000;
 
 #[derive(Debug, Clone, Copy)]
 enum Kill {
@@ -74,6 +78,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     let results = Collector::start(&names.result).await;
     let mut producer = Producer::new(&conn).await;
     publish_stream(&mut producer, &names.request, Some(&replies.queue), 0..M).await;
+    let mut published = M;
     note("published");
 
     // The first worker dies after 1500 results; then a restart per step of the plan.
@@ -114,11 +119,20 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
         Kill::AfterMoreResults(random_progress()),
         Kill::Failpoint("wal.after_sync:1"),
         Kill::AfterMoreResults(random_progress()),
-        Kill::Failpoint("wal.after_write:40"),
+        Kill::Failpoint("wal.after_write:20"),
         Kill::AfterMoreResults(random_progress()),
     ];
     for step in plan {
         let before = results.with(distinct_count);
+        if matches!(step, Kill::Failpoint(_)) && published - before < BACKLOG_MIN {
+            let more = published..before + BACKLOG_MIN;
+            publish_stream(&mut producer, &names.request, Some(&replies.queue), more).await;
+            note(format!(
+                "topped up: {published} -> {} requests",
+                before + BACKLOG_MIN
+            ));
+            published = before + BACKLOG_MIN;
+        }
         match step {
             Kill::Failpoint(fp) => {
                 let mut w = setup.start_worker(&[("REWARDPOOL_FAILPOINT", fp)]);
@@ -151,7 +165,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
                 let mut w = setup.start_worker(&[]);
                 w.wait_ready(&conn, &names.request, Duration::from_secs(60))
                     .await;
-                let target = (before + more).min(M);
+                let target = (before + more).min(published);
                 results
                     .wait_for("more results", Duration::from_secs(120), |m| {
                         distinct_count(m) >= target
@@ -173,7 +187,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     let mut worker = setup.start_ready(&conn, &[]).await;
     results
         .wait_for("every request's result", Duration::from_secs(300), |m| {
-            distinct_count(m) >= M
+            distinct_count(m) >= published
         })
         .await;
     // Every draw of this run is durable (results go out after the fsync): dump it while the
@@ -187,9 +201,9 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
     // Results: one outcome per message_id however often published, no ID shared.
     let result_msgs = results.messages();
     let outcomes = distinct_results(&result_msgs);
-    check_stream_outcomes(&outcomes, M);
+    check_stream_outcomes(&outcomes, published);
     note(format!(
-        "{} result messages for {M} requests",
+        "{} result messages for {published} requests",
         result_msgs.len()
     ));
 
@@ -205,7 +219,7 @@ async fn sigkill_mid_stream_loses_nothing_and_draws_nothing_twice() {
             "{message_id} drawn more than once: IDs {ids:?}"
         );
     }
-    assert_eq!(drawn.len(), M, "every request drawn");
+    assert_eq!(drawn.len(), published, "every request drawn");
     for (message_id, o) in &outcomes {
         assert_eq!(
             drawn[message_id.as_str()],
