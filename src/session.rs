@@ -256,8 +256,9 @@ impl Session {
         Ok(())
     }
 
-    /// Marks tags ready and sends the acks the tracker plans.
-    pub async fn ack(&self, tags: &[u64]) -> Result<(), AmqpError> {
+    /// Marks tags ready and sends the acks the tracker plans; returns how many `basic.ack`
+    /// frames that took.
+    pub async fn ack(&self, tags: &[u64]) -> Result<u64, AmqpError> {
         let plan = {
             let mut acks = self.acks.lock().expect("acks lock");
             for tag in tags {
@@ -265,6 +266,7 @@ impl Session {
             }
             acks.plan()
         };
+        let frames = plan.multiple_up_to.is_some() as u64 + plan.single.len() as u64;
         if let Some(tag) = plan.multiple_up_to {
             timed(
                 "basic.ack",

@@ -38,6 +38,8 @@ use crate::limits::{
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SettleStats {
     pub acked: u64,
+    /// `basic.ack` frames sent for them (one `multiple` ack settles a run of deliveries).
+    pub ack_frames: u64,
     pub requeued: u64,
     pub dropped_stale: u64,
 }
@@ -411,8 +413,9 @@ async fn settle(
     // Crash tests: results and replies confirmed, deliveries not acked yet.
     crate::failpoint::failpoint("settle.before_ack");
     match session.ack(&ready).await {
-        Ok(()) => {
+        Ok(frames) => {
             stats.acked += ready.len() as u64;
+            stats.ack_frames += frames;
             for at in received {
                 metrics.stage_acked.observe(at.elapsed().as_secs_f64());
             }

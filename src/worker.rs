@@ -420,6 +420,7 @@ async fn run_inner(
     match settler.await {
         Ok(stats) => tracing::info!(
             acked = stats.acked,
+            ack_frames = stats.ack_frames,
             requeued = stats.requeued,
             dropped_stale = stats.dropped_stale,
             "results settled"
