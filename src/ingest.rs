@@ -237,6 +237,13 @@ pub async fn run(
             _ = engine_stopped.wait_for(|stopped| *stopped) => break IngestEnd::EngineGone,
             reason = session.broken() => break IngestEnd::Failed(reason),
             Some(result) = confirms.next(), if !confirms.is_empty() => {
+                // Every confirm already in, in one turn of the loop rather than one each.
+                let mut result = result.map(drop);
+                while result.is_ok()
+                    && let Some(Some(more)) = confirms.next().now_or_never()
+                {
+                    result = more.map(drop);
+                }
                 if let Err(e) = result {
                     break IngestEnd::Failed(format!("reply confirm failed: {e}"));
                 }
@@ -275,6 +282,10 @@ pub async fn run(
                     if let Some(end) = ended {
                         break end;
                     }
+                    // Ingest and settle share the runtime's one thread (worker::run), and a
+                    // buffered delivery is always ready: yield after each burst, so a backlog
+                    // of deliveries does not hold up results, acks and reply confirms.
+                    tokio::task::yield_now().await;
                 }
             },
             delivery = admin_consumer.next(), if confirms.len() < REPLY_CONFIRMS_MAX => match delivery {

@@ -42,8 +42,9 @@ pub struct Session {
     acks: Mutex<AckTracker>,
     /// Held while a publish is queued: lapin numbers a publish for its confirm
     /// (`register_pending`) and queues its frames under two different locks, so two threads
-    /// publishing on one channel at once (ingest and settle run on different runtime threads)
-    /// could queue frames in another order than they were numbered, and a confirm would be
+    /// publishing on one channel at once (ingest and settle on different threads of a
+    /// multi-threaded runtime: the worker's has one thread, an embedding one may not) could
+    /// queue frames in another order than they were numbered, and a confirm would be
     /// taken for another message's. Taken only around the synchronous first poll.
     publish_order: Mutex<()>,
     broken: watch::Sender<Option<String>>,
@@ -284,7 +285,7 @@ impl Session {
             )
             .await?;
         }
-        Ok(())
+        Ok(frames)
     }
 
     /// Returns every delivery not settled yet to the queue (shutdown).

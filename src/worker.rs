@@ -42,10 +42,11 @@ const SESSION_HEALTHY: Duration = Duration::from_secs(30);
 const LOCK_REGAIN_MAX: Duration = Duration::from_secs(180);
 
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task (ingest, settle, the listener): wake-ups between ingest,
+    // settle and lapin's I/O thread land on a thread that is usually awake already, with no
+    // work stealing or parking between runtime threads (README, "Broker path cost").
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("rp-async")
         .build()?;
     let result = runtime.block_on(run_async(config));
     // After a passed shutdown deadline a blocking task (the engine join) may still run: do not
