@@ -11,7 +11,7 @@ use std::process::ExitCode;
 // Built with `no_thp`: with transparent huge pages mimalloc backs the dedupe windows' large
 // tables with 2 MiB pages, and the first requests after a start each paid for zeroing one
 // (a 25-50 ms p99 over the first 50 requests at 2,500/s, against 10-20 ms without; RSS at
-// start 42 MiB against 18 MiB). `MIMALLOC_ALLOW_THP=1` turns them back on.
+// start 42 MiB against 18 MiB). A build-time choice: `MIMALLOC_ALLOW_THP=1` does not undo it.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
